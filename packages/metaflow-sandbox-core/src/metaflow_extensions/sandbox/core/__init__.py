@@ -1,0 +1,47 @@
+"""metaflow-sandbox-core: run commands in sandboxes through one API, whatever the provider.
+
+Layer: core (bottom). Imports: the standard library only; never Metaflow, never a provider SDK.
+
+    from metaflow_extensions.sandbox.core import get_backend, SandboxSpec, Resources
+    with get_backend("local").create(SandboxSpec(env={"A": "1"})) as sbx:
+        print(sbx.run("echo $A").stdout)
+"""
+
+from .backend import Sandbox, SandboxBackend, destroy_all_live
+from .errors import (
+    AuthenticationError,
+    BackendNotFound,
+    CommandTimeout,
+    ConfigurationError,
+    ImageError,
+    QuotaExceeded,
+    SandboxError,
+    SandboxFileNotFound,
+    SandboxUnavailable,
+    TransientError,
+)
+from .registry import ENTRY_POINT_GROUP, available_backends, get_backend
+from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "AuthenticationError",
+    "BackendNotFound",
+    "CommandResult",
+    "CommandTimeout",
+    "ConfigurationError",
+    "ImageError",
+    "QuotaExceeded",
+    "Resources",
+    "Sandbox",
+    "SandboxBackend",
+    "SandboxError",
+    "SandboxFileNotFound",
+    "SandboxInfo",
+    "SandboxSpec",
+    "SandboxUnavailable",
+    "TransientError",
+    "available_backends",
+    "destroy_all_live",
+    "get_backend",
+]

@@ -1,0 +1,83 @@
+"""What a sandbox should be (``SandboxSpec``) and what a command returned (``CommandResult``).
+
+Layer: core (bottom). Imports: the standard library and ``core.errors``.
+
+Plain frozen dataclasses, validated on construction so that bad input fails before any sandbox
+is created, with a message that names the parameter to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .errors import ConfigurationError
+
+
+def _frozen_str_map(value: Mapping[str, str] | None, what: str) -> Mapping[str, str]:
+    items = dict(value or {})
+    for key, val in items.items():
+        if not isinstance(key, str) or not isinstance(val, str):
+            raise ConfigurationError(f"{what} must map strings to strings; got {key!r}: {val!r}.")
+    return MappingProxyType(items)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Requested compute. ``None`` leaves the choice to the backend (its default size)."""
+
+    cpu: float | None = None
+    memory_mb: int | None = None
+    disk_mb: int | None = None
+    gpu: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cpu", "memory_mb", "disk_mb", "gpu"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ConfigurationError(f"Resources.{name} must be a non-negative number or None; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to create a sandbox.
+
+    ``image`` is backend-specific (a container image, an E2B template...); ``None`` means the
+    backend's default. ``env`` is set for every command; ``labels`` are attached to the sandbox so
+    ``SandboxBackend.list`` can find it again. ``lifetime_s`` is a provider-side backstop: a sandbox
+    whose owner vanished is removed after that long. ``network=False`` cuts outbound network access.
+    """
+
+    image: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    lifetime_s: int = 3600
+    network: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "env", _frozen_str_map(self.env, "SandboxSpec.env"))
+        object.__setattr__(self, "labels", _frozen_str_map(self.labels, "SandboxSpec.labels"))
+        if not isinstance(self.lifetime_s, int) or isinstance(self.lifetime_s, bool) or self.lifetime_s <= 0:
+            raise ConfigurationError(f"SandboxSpec.lifetime_s must be a positive integer (seconds); got {self.lifetime_s!r}.")
+        if not isinstance(self.resources, Resources):
+            raise ConfigurationError("SandboxSpec.resources must be a Resources instance.")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command. A non-zero ``exit_code`` is a result, not an error."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A live sandbox as ``SandboxBackend.list`` reports it."""
+
+    id: str
+    backend: str
+    labels: Mapping[str, str]
