@@ -1,0 +1,258 @@
+"""The ``local`` backend: each sandbox a private directory on this machine, zero setup.
+
+Layer: core/local. Imports: the standard library and core (``backend``, ``spec``, ``errors``,
+``local.isolation``, ``local.processes``).
+
+On disk, under ``root`` (default ``$TMPDIR/metaflow-sandbox-local-<uid>``)::
+
+    <id>/sandbox.json   id, labels, owner pid + start time, deadline (what ``list`` reads)
+    <id>/fs/            the sandbox's root filesystem under bubblewrap; ``fs/home/sandbox`` is the
+                        working directory (the process-mode cwd too)
+    <id>/pids/<pgid>    process groups of running commands, so another process can kill them
+
+A sandbox whose owner process is gone or whose lifetime passed is reaped on the next ``create``
+or ``list`` (the local stand-in for a provider-side lifetime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..backend import Sandbox, SandboxBackend
+from ..errors import CommandTimeout, ConfigurationError, SandboxError, SandboxFileNotFound, SandboxUnavailable
+from ..spec import SandboxInfo, SandboxSpec
+from .isolation import WORKDIR, base_env, bwrap_prefix, prepare_rootfs, resolve_isolation
+from .processes import Stopped, kill_tree, stream_process
+
+ROOT_ENV = "METAFLOW_SANDBOX_LOCAL_ROOT"
+_NOT_FOUND_EXIT = 44  # the download helper's "no such file" exit code
+_UPLOAD = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
+_DOWNLOAD = f'[ -f "$1" ] || exit {_NOT_FOUND_EXIT}; exec cat -- "$1"'
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live owner from a reused pid), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _rmtree(path: Path) -> None:
+    """Remove ``path`` even where the sandbox made directories read-only."""
+
+    def make_writable_and_retry(func: Callable[..., Any], failed: str, _exc: object) -> None:
+        os.chmod(os.path.dirname(failed), 0o700)
+        func(failed)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+class LocalSandbox(Sandbox):
+    """A sandbox on this machine; see the module docstring for the layout."""
+
+    def __init__(self, sandbox_id: str, spec: SandboxSpec, directory: Path, isolation: str):
+        super().__init__(sandbox_id, "local", spec)
+        self.directory = directory
+        self.isolation = isolation
+        self._rootfs = directory / "fs"
+        self._workdir = self._rootfs / WORKDIR.lstrip("/")
+        self._procs: set[subprocess.Popen[bytes]] = set()
+        self._procs_lock = threading.Lock()
+        if isolation == "bwrap":
+            self._prefix = bwrap_prefix(self._rootfs, network=spec.network)
+            self._env = base_env(home=WORKDIR, tmpdir="/tmp")
+        else:
+            self._prefix = []
+            self._env = base_env(home=str(self._workdir), tmpdir=str(self._rootfs / "tmp"))
+
+    @property
+    def workdir(self) -> Path:
+        """The working directory as seen from the host."""
+        return self._workdir
+
+    def _exec(self, argv: list[str], env: Mapping[str, str], **kwargs: Any) -> int:
+        pids = self.directory / "pids"
+
+        def track(proc: subprocess.Popen[bytes]) -> None:
+            with self._procs_lock:
+                self._procs.add(proc)
+            (pids / str(proc.pid)).touch()
+
+        try:
+            return stream_process(
+                [*self._prefix, *argv], cwd=self._workdir, env={**self._env, **env}, on_start=track, **kwargs
+            )
+        finally:
+            with self._procs_lock:
+                for proc in [p for p in self._procs if p.returncode is not None]:
+                    self._procs.discard(proc)
+                    (pids / str(proc.pid)).unlink(missing_ok=True)
+            if self.destroyed or not self.directory.exists():
+                raise SandboxUnavailable(f"Sandbox {self.id} was destroyed while a command ran.", sandbox_id=self.id)
+
+    def _run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        timeout_s: float | None,
+        on_stdout: Callable[[str], None],
+        on_stderr: Callable[[str], None],
+    ) -> int:
+        out: list[str] = []
+        err: list[str] = []
+
+        def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
+            return lambda chunk: (keep.append(chunk), sink(chunk))[1]
+
+        try:
+            code = self._exec(
+                ["bash", "-c", command],
+                env,
+                on_stdout=tee(on_stdout, out),
+                on_stderr=tee(on_stderr, err),
+                timeout_s=timeout_s,
+            )
+        except Stopped:
+            raise CommandTimeout(
+                f"Command timed out after {timeout_s} s in sandbox {self.id}; its processes were killed.",
+                timeout_s=timeout_s or 0.0,
+                stdout="".join(out),
+                stderr="".join(err),
+                sandbox_id=self.id,
+            ) from None
+        # Like a shell: a command killed by signal N exits 128 + N.
+        return code if code >= 0 else 128 - code
+
+    def _transfer(self, script: str, path: str, **streams: Any) -> tuple[int, str]:
+        err: list[str] = []
+        code = self._exec(["bash", "-c", script, "transfer", path], {}, on_stdout=None, on_stderr=err.append, **streams)
+        return code, "".join(err).strip()
+
+    def _upload(self, src: Path, dst: str) -> None:
+        with src.open("rb") as stdin:
+            code, err = self._transfer(_UPLOAD, dst, stdin=stdin)
+        if code != 0:
+            raise SandboxError(f"Upload to {dst!r} in sandbox {self.id} failed: {err}", sandbox_id=self.id)
+
+    def _download(self, src: str, dst: Path) -> None:
+        with dst.open("wb") as stdout:
+            code, err = self._transfer(_DOWNLOAD, src, stdout_file=stdout)
+        if code == _NOT_FOUND_EXIT:
+            raise SandboxFileNotFound(f"No file {src!r} in sandbox {self.id}.", sandbox_id=self.id)
+        if code != 0:
+            raise SandboxError(f"Download of {src!r} from sandbox {self.id} failed: {err}", sandbox_id=self.id)
+
+    def _destroy(self) -> None:
+        with self._procs_lock:
+            for proc in self._procs:
+                kill_tree(proc.pid)
+        _remove_sandbox_dir(self.directory)
+
+
+def _remove_sandbox_dir(directory: Path) -> None:
+    """Kill what runs in the sandbox at ``directory`` (from any process), then delete it."""
+    for pid_file in (directory / "pids").glob("*"):
+        pid = int(pid_file.name)
+        # Only a process that belongs to this sandbox: a recycled pid would not mention its path.
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(directory).encode() in cmdline or os.readlink(f"/proc/{pid}/cwd").startswith(str(directory)):
+                kill_tree(pid)
+    trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex[:6]}")
+    try:
+        directory.rename(trash)  # list() never sees a half-deleted sandbox
+    except FileNotFoundError:
+        return
+    _rmtree(trash)
+
+
+class LocalBackend(SandboxBackend):
+    """Sandboxes on this machine. ``isolation``: ``auto`` (bubblewrap if usable, else processes
+    with a warning), ``bwrap`` (required) or ``process`` (no isolation); default from
+    ``$METAFLOW_SANDBOX_LOCAL_ISOLATION``. ``root``: where sandboxes live (``$METAFLOW_SANDBOX_LOCAL_ROOT``).
+
+    There are no images: sandboxes see this machine's system and the launcher's Python
+    environment, read-only. Resources are not enforced.
+    """
+
+    name = "local"
+
+    def __init__(self, isolation: str | None = None, root: str | os.PathLike[str] | None = None):
+        self.isolation = resolve_isolation(isolation)
+        default_root = Path(tempfile.gettempdir()) / f"metaflow-sandbox-local-{os.getuid()}"
+        self.root = Path(root or os.environ.get(ROOT_ENV) or default_root).absolute()
+
+    def create(self, spec: SandboxSpec) -> LocalSandbox:
+        if spec.image is not None:
+            raise ConfigurationError(
+                f"The local backend has no images (got image={spec.image!r}): it uses this machine's system.",
+                remedy="Remove the image, or choose a backend that runs images (daytona, e2b).",
+            )
+        if not spec.network and self.isolation != "bwrap":
+            raise ConfigurationError(
+                "network=False needs bubblewrap; plain processes cannot be cut off the network.",
+                remedy="Install bubblewrap (sudo apt-get install -y bubblewrap) or allow network access.",
+            )
+        self._reap()
+        sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
+        directory = self.root / sandbox_id
+        (directory / "pids").mkdir(parents=True, mode=0o700)
+        for sub in (WORKDIR, "/tmp"):
+            (directory / "fs" / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        if self.isolation == "bwrap":
+            prepare_rootfs(directory / "fs")
+        meta = {
+            "id": sandbox_id,
+            "labels": dict(spec.labels),
+            "owner_pid": os.getpid(),
+            "owner_start": _start_time(os.getpid()),
+            "deadline": time.time() + spec.lifetime_s,
+            "isolation": self.isolation,
+        }
+        (directory / "sandbox.json").write_text(json.dumps(meta))
+        return LocalSandbox(sandbox_id, spec, directory, self.isolation)
+
+    def _sandboxes(self) -> list[tuple[Path, dict[str, Any]]]:
+        found = []
+        for meta_file in self.root.glob("sbx-*/sandbox.json"):
+            with contextlib.suppress(OSError, ValueError):
+                found.append((meta_file.parent, json.loads(meta_file.read_text())))
+        return found
+
+    def _reap(self) -> None:
+        """Remove sandboxes whose owner died or whose lifetime passed."""
+        for directory, meta in self._sandboxes():
+            owner_alive = _start_time(meta["owner_pid"]) == meta["owner_start"]
+            if not owner_alive or time.time() > meta["deadline"]:
+                _remove_sandbox_dir(directory)
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        self._reap()
+        wanted = dict(labels or {}).items()
+        return sorted(
+            (
+                SandboxInfo(id=meta["id"], backend=self.name, labels=meta["labels"])
+                for _, meta in self._sandboxes()
+                if wanted <= meta["labels"].items()
+            ),
+            key=lambda info: info.id,
+        )
+
+    def destroy(self, sandbox_id: str) -> None:
+        if not sandbox_id.startswith("sbx-") or "/" in sandbox_id:
+            return
+        _remove_sandbox_dir(self.root / sandbox_id)

@@ -1,0 +1,125 @@
+"""How the local backend isolates commands: bubblewrap when it works, else plain processes.
+
+Layer: core/local. Imports: the standard library and ``core.errors``.
+
+Under bubblewrap a sandbox's private directory becomes its root filesystem (so any absolute path
+can be created inside it, privately), the system directories and the launcher's Python
+environment are mounted read-only on top, and the process gets its own mount, pid, ipc and uts
+namespaces (and network namespace when ``network=False``). The user's home and the launcher's
+working directory are simply never mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+
+from ..errors import ConfigurationError
+
+ISOLATION_ENV = "METAFLOW_SANDBOX_LOCAL_ISOLATION"
+ISOLATION_MODES = ("auto", "bwrap", "process")
+WORKDIR = "/home/sandbox"
+"""The working directory inside a bubblewrap sandbox (and ``HOME``)."""
+
+# Read-only system paths; merged-/usr systems have symlinks here, which are recreated as such.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
+_INSTALL_BWRAP = "Install bubblewrap (Debian/Ubuntu: sudo apt-get install -y bubblewrap)"
+
+
+class IsolationWarning(UserWarning):
+    """Commands run without an isolation boundary."""
+
+
+@cache
+def bwrap_problem() -> str | None:
+    """Why bubblewrap cannot be used here, or ``None`` when it works (checked once per process)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bubblewrap ('bwrap') is not on PATH"
+    probe = subprocess.run(
+        [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--die-with-parent", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"bubblewrap is installed but cannot create namespaces here ({probe.stderr.strip()})"
+    return None
+
+
+_warned = False
+
+
+def resolve_isolation(requested: str | None) -> str:
+    """The mode to use: ``requested``, else $METAFLOW_SANDBOX_LOCAL_ISOLATION, else ``auto``."""
+    global _warned  # noqa: PLW0603 - one warning per process, not per sandbox
+    mode = (requested or os.environ.get(ISOLATION_ENV) or "auto").strip().lower()
+    if mode not in ISOLATION_MODES:
+        raise ConfigurationError(
+            f"Unknown local isolation {mode!r}.",
+            remedy=f"Use one of {', '.join(ISOLATION_MODES)} (option isolation= or ${ISOLATION_ENV}).",
+        )
+    problem = bwrap_problem() if mode != "process" else None
+    if mode == "bwrap" and problem:
+        raise ConfigurationError(f"isolation='bwrap' was requested but {problem}.", remedy=f"{_INSTALL_BWRAP}.")
+    if mode == "auto":
+        mode = "process" if problem else "bwrap"
+        if problem and not _warned:
+            _warned = True
+            warnings.warn(
+                f"The local sandbox backend runs commands as plain processes because {problem}: "
+                f"this is NOT an isolation boundary. {_INSTALL_BWRAP} to isolate them, or set "
+                f"{ISOLATION_ENV}=process to acknowledge.",
+                IsolationWarning,
+                stacklevel=3,
+            )
+    return mode
+
+
+def python_paths() -> list[str]:
+    """The launcher's Python environment (venv and base interpreter), to mount read-only."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    covered = ("/usr/", "/bin/", "/lib/", "/lib64/", "/sbin/")
+    return sorted(p for p in paths if p != "/" and not (p + "/").startswith(covered))
+
+
+def prepare_rootfs(rootfs: Path) -> None:
+    """Recreate the system's top-level symlinks (merged /usr) in a new sandbox's root once; bwrap's
+    own ``--symlink`` would fail on every later command because the link then exists."""
+    for path in _SYSTEM_PATHS:
+        if os.path.islink(path):
+            (rootfs / path.lstrip("/")).symlink_to(os.readlink(path))
+
+
+def bwrap_prefix(rootfs: Path, *, network: bool) -> list[str]:
+    """The bubblewrap command line that runs what follows it inside the sandbox at ``rootfs``."""
+    argv = [shutil.which("bwrap") or "bwrap", "--bind", str(rootfs), "/"]
+    for path in _SYSTEM_PATHS:
+        if os.path.isdir(path) and not os.path.islink(path):
+            argv += ["--ro-bind", path, path]
+    for path in python_paths():
+        argv += ["--ro-bind", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--dir", "/tmp", "--dir", WORKDIR, "--chdir", WORKDIR]
+    argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    if not network:
+        argv.append("--unshare-net")
+    # The sandbox dies with its launcher even on SIGKILL, and cannot push input to our terminal.
+    argv += ["--die-with-parent", "--new-session"]
+    return argv
+
+
+def base_env(home: str, tmpdir: str) -> dict[str, str]:
+    """The minimal environment of every command; the launcher's own variables never leak in."""
+    python_bin = str(Path(sys.executable).parent)
+    return {
+        "PATH": f"{python_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": home,
+        "TMPDIR": tmpdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
