@@ -1,0 +1,103 @@
+"""Conformance of the ``local`` backend in both isolation modes, plus what only bubblewrap gives.
+
+Layer: tests-shared. Imports: pytest, the standard library and core.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sandbox_testing.conformance import BackendConformance
+
+from metaflow_extensions.sandbox.core import ConfigurationError, SandboxSpec, get_backend
+
+
+@pytest.fixture(scope="module")
+def sandbox_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("local-sandboxes")
+
+
+class TestLocalBwrap(BackendConformance):
+    @pytest.fixture
+    def backend(self, sandbox_root):
+        return get_backend("local", isolation="bwrap", root=sandbox_root)
+
+    def test_launcher_home_and_cwd_are_invisible(self, backend, tmp_path, monkeypatch):
+        secret = Path.home() / f".mfsbx-secret-{os.getpid()}"
+        secret.write_text("s3cr3t")
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "flow.py").write_text("x")
+        monkeypatch.chdir(project)
+        try:
+            with backend.create(SandboxSpec()) as sbx:
+                res = sbx.run(f"cat {secret} {project}/flow.py; ls {project}")
+        finally:
+            secret.unlink()
+        assert res.exit_code != 0 and "s3cr3t" not in res.stdout and "flow.py" not in res.stdout
+
+    def test_absolute_paths_are_private_and_system_is_read_only(self, backend, tmp_path):
+        target = tmp_path / "datastore" / "f"
+        with backend.create(SandboxSpec()) as sbx:
+            assert sbx.run(f"mkdir -p {target.parent} && echo in > {target} && cat {target}").stdout == "in\n"
+            assert sbx.run("touch /usr/evil").exit_code != 0
+            assert sbx.run("echo private > /tmp/t").exit_code == 0
+        assert not target.exists() and not Path("/tmp/t").exists()
+
+    def test_own_pid_namespace(self, sandbox):
+        # Only the sandbox's own few processes exist; the launcher's are invisible.
+        assert int(sandbox.run(COUNT_ALL_PIDS).stdout) < 8
+        assert sandbox.run(f"test -e /proc/{os.getpid()}/cwd").exit_code != 0 or os.getpid() < 8
+
+    def test_network_false_unshares_the_network(self, backend):
+        with backend.create(SandboxSpec(network=False)) as sbx:
+            interfaces = sbx.run("tail -n +3 /proc/net/dev | cut -d: -f1").stdout.split()
+        assert interfaces == ["lo"]
+
+    def test_python_environment_is_available(self, sandbox):
+        res = sandbox.run("python -c 'import metaflow_extensions.sandbox.core as c; print(c.__name__)'")
+        assert res.stdout == "metaflow_extensions.sandbox.core\n"
+
+    def test_sandbox_of_a_dead_owner_is_reaped(self, backend, sandbox_root):
+        owner = textwrap.dedent(f"""
+            from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
+            sbx = get_backend("local", isolation="bwrap", root={str(sandbox_root)!r}).create(
+                SandboxSpec(labels={{"reap": "me"}}))
+            print(sbx.id, flush=True)
+            import os; os._exit(0)   # dies without cleaning up
+        """)
+        sid = subprocess.run([sys.executable, "-c", owner], capture_output=True, text=True, check=True).stdout.strip()
+        assert (sandbox_root / sid).exists()
+        assert backend.list(labels={"reap": "me"}) == []
+        assert not (sandbox_root / sid).exists()
+
+
+COUNT_ALL_PIDS = "ls -d /proc/[0-9]* | wc -l"
+
+
+class TestLocalProcess(BackendConformance):
+    @pytest.fixture
+    def backend(self, sandbox_root):
+        return get_backend("local", isolation="process", root=sandbox_root)
+
+    def test_network_false_is_refused_without_bwrap(self, backend):
+        with pytest.raises(ConfigurationError, match="bubblewrap"):
+            backend.create(SandboxSpec(network=False))
+
+
+def test_isolation_from_environment_variable(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ISOLATION", "process")
+    assert get_backend("local").isolation == "process"
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ISOLATION", "chroot")
+    with pytest.raises(ConfigurationError, match="auto, bwrap, process"):
+        get_backend("local")
+
+
+def test_image_is_refused_by_local(sandbox_root):
+    with pytest.raises(ConfigurationError, match="no images"):
+        get_backend("local", root=sandbox_root).create(SandboxSpec(image="python:3.11"))

@@ -1,0 +1,1 @@
+"""Shared test helpers: the backend conformance suite and emulator launchers (layer: tests-shared)."""
