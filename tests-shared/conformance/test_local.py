@@ -12,9 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sandbox_testing.conformance import BackendConformance
 
 from metaflow_extensions.sandbox.core import ConfigurationError, SandboxSpec, get_backend
+from sandbox_testing.conformance import BackendConformance
 
 
 @pytest.fixture(scope="module")

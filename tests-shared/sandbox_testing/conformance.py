@@ -72,7 +72,9 @@ class BackendConformance:
     def test_streamed_lines_arrive_in_order_across_streams(self, sandbox: Sandbox):
         seen: list[str] = []
         script = "echo a; sleep 0.3; echo b >&2; sleep 0.3; echo c; sleep 0.3; printf 'no newline' >&2"
-        res = sandbox.run(script, on_stdout=lambda l: seen.append(f"out:{l}"), on_stderr=lambda l: seen.append(f"err:{l}"))
+        res = sandbox.run(
+            script, on_stdout=lambda line: seen.append(f"out:{line}"), on_stderr=lambda line: seen.append(f"err:{line}")
+        )
         assert seen == ["out:a", "err:b", "out:c", "err:no newline"]
         assert (res.stdout, res.stderr) == ("a\nc\n", "b\nno newline")
 
@@ -83,7 +85,9 @@ class BackendConformance:
             if line == "ready":
                 threading.Thread(target=sandbox.upload, args=(b"go", "go.flag")).start()
 
-        res = sandbox.run("echo ready; while [ ! -f go.flag ]; do sleep 0.05; done; echo done", timeout_s=60, on_stdout=on_line)
+        res = sandbox.run(
+            "echo ready; while [ ! -f go.flag ]; do sleep 0.05; done; echo done", timeout_s=60, on_stdout=on_line
+        )
         assert res.stdout == "ready\ndone\n"
 
     def test_large_and_unicode_output(self, sandbox: Sandbox):
@@ -180,7 +184,7 @@ class BackendConformance:
 
         def long_command() -> None:
             try:
-                sbx.run("echo up; sleep 300", timeout_s=120, on_stdout=lambda l: started.set())
+                sbx.run("echo up; sleep 300", timeout_s=120, on_stdout=lambda _: started.set())
             except BaseException as e:
                 errors.append(e)
 

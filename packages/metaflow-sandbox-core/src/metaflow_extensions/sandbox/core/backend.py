@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import codecs
+import contextlib
 import os
 import tempfile
 import threading
@@ -38,11 +39,9 @@ def destroy_all_live() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE)
     for sandbox in live:
-        try:
+        # Best effort at shutdown: the provider-side lifetime is the backstop.
+        with contextlib.suppress(SandboxError):
             sandbox.destroy()
-        except SandboxError:
-            # Best effort at shutdown: the provider-side lifetime is the backstop.
-            pass
 
 
 atexit.register(destroy_all_live)
@@ -110,7 +109,9 @@ class Sandbox(ABC):
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.destroy()
 
     # -- public API, identical for every backend -------------------------------------------------

@@ -54,7 +54,9 @@ class SandboxUnavailable(SandboxError):
 class CommandTimeout(SandboxError):
     """A command ran past its ``timeout_s``; its whole process tree was killed."""
 
-    def __init__(self, message: str, *, timeout_s: float, stdout: str = "", stderr: str = "", sandbox_id: str | None = None):
+    def __init__(
+        self, message: str, *, timeout_s: float, stdout: str = "", stderr: str = "", sandbox_id: str | None = None
+    ):
         super().__init__(message, sandbox_id=sandbox_id)
         self.timeout_s = timeout_s
         self.stdout = stdout

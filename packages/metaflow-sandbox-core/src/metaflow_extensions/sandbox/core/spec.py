@@ -60,7 +60,9 @@ class SandboxSpec:
         object.__setattr__(self, "env", _frozen_str_map(self.env, "SandboxSpec.env"))
         object.__setattr__(self, "labels", _frozen_str_map(self.labels, "SandboxSpec.labels"))
         if not isinstance(self.lifetime_s, int) or isinstance(self.lifetime_s, bool) or self.lifetime_s <= 0:
-            raise ConfigurationError(f"SandboxSpec.lifetime_s must be a positive integer (seconds); got {self.lifetime_s!r}.")
+            raise ConfigurationError(
+                f"SandboxSpec.lifetime_s must be a positive integer (seconds); got {self.lifetime_s!r}."
+            )
         if not isinstance(self.resources, Resources):
             raise ConfigurationError("SandboxSpec.resources must be a Resources instance.")
 

@@ -116,7 +116,11 @@ class LocalSandbox(Sandbox):
         err: list[str] = []
 
         def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
-            return lambda chunk: (keep.append(chunk), sink(chunk))[1]
+            def both(chunk: str) -> None:
+                keep.append(chunk)
+                sink(chunk)
+
+            return both
 
         try:
             code = self._exec(

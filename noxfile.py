@@ -1,0 +1,190 @@
+"""Every check of the metaflow-sandbox monorepo, as nox sessions (``nox -l`` lists them).
+
+Test sessions install the *built wheels* of our distributions, the way users get them (editable
+installs hide packaging mistakes, and older Metaflow loses extension ordering with them). Wheels
+are built once per source state and shared by all sessions of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).resolve().parent
+WHEELHOUSE = ROOT / ".nox" / "_wheels"
+PYTEST = ["pytest", "pytest-xdist"]
+XDIST = ["-n", "auto", "-p", "no:cacheprovider"]
+
+# Our distributions: short name -> directory under packages/ (the distribution name).
+PACKAGES = {
+    "core": "metaflow-sandbox-core",
+    "daytona": "metaflow-sandbox-daytona",
+    "e2b": "metaflow-sandbox-e2b",
+    "plugins": "metaflow-sandbox",
+}
+# What a backend needs installed, and the SDK it wraps.
+BACKEND_PACKAGES = {"local": ["core"], "daytona": ["core", "daytona"], "e2b": ["core", "e2b"]}
+SDK = {"daytona": "daytona", "e2b": "e2b"}
+
+# The supported SDK range of each provider backend: the oldest and the newest are tested. A cell
+# whose requirement names another project (a deprecated alias) installs our backend without deps.
+SDK_VERSIONS: dict[str, dict[str, str]] = {
+    "daytona": {},
+    "e2b": {},
+}
+# Extra test dependencies per backend (emulators, fixtures).
+TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": [], "e2b": []}
+
+# Metaflow releases the integration is tested against: the oldest and newest supported.
+METAFLOW_VERSIONS = ["2.12.39", "2.19.39"]
+
+
+def present(short: str) -> bool:
+    return (ROOT / "packages" / PACKAGES[short] / "pyproject.toml").exists()
+
+
+BACKENDS = [name for name, parts in BACKEND_PACKAGES.items() if all(map(present, parts))]
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for dist in sorted(PACKAGES.values()):
+        base = ROOT / "packages" / dist
+        for path in sorted(p for p in base.rglob("*") if p.is_file() and "tests" not in p.relative_to(base).parts):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def wheels(session: nox.Session, *shorts: str) -> list[str]:
+    """Paths of the built wheels of ``shorts`` (building all our packages once per source state)."""
+    out = WHEELHOUSE / _source_digest()
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for short, dist in PACKAGES.items():
+            if present(short):
+                session.run(
+                    sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp),
+                    str(ROOT / "packages" / dist), external=True,
+                )  # fmt: skip
+        tmp.rename(out)
+    found = []
+    for short in shorts:
+        stem = PACKAGES[short].replace("-", "_")
+        matches = sorted(out.glob(f"{stem}-*.whl"))
+        if not matches:
+            session.error(f"No wheel for {PACKAGES[short]} in {out}")
+        found.append(str(matches[-1]))
+    return found
+
+
+def show_versions(session: nox.Session, *names: str) -> None:
+    session.run("python", "-c", f"import importlib.metadata as m; [print(n, m.version(n)) for n in {list(names)!r}]")
+
+
+@nox.session(tags=["quick"])
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(tags=["quick"])
+def typecheck(session: nox.Session) -> None:
+    """mypy: strict on core, checked everywhere else."""
+    session.install("mypy", "pytest")
+    srcs = [str(ROOT / "packages" / PACKAGES[s] / "src") for s in PACKAGES if present(s)]
+    parts = [f"metaflow_extensions.sandbox.{s}" for s in PACKAGES if present(s)]
+    args = [arg for part in parts for arg in ("-p", part)]
+    session.run("mypy", *args, env={"MYPYPATH": os.pathsep.join(srcs)})
+
+
+@nox.session(tags=["quick"])
+def structural(session: nox.Session) -> None:
+    """Layer rules, module docstrings, lazy SDK imports and wheel metadata."""
+    shorts = [s for s in PACKAGES if present(s)]
+    session.install(*PYTEST, "metaflow", *wheels(session, *shorts))
+    session.run(
+        "pytest",
+        *XDIST,
+        "tests-shared/structural",
+        env={"MFSBX_WHEELHOUSE": str(Path(wheels(session, "core")[0]).parent)},
+    )
+
+
+@nox.session
+@nox.parametrize(
+    "package",
+    [nox.param(s, id=s) for s in PACKAGES if present(s) and (ROOT / "packages" / PACKAGES[s] / "tests").is_dir()],
+)
+def unit(session: nox.Session, package: str) -> None:
+    """Unit tests of one distribution, against its built wheel."""
+    needs = BACKEND_PACKAGES.get(package, ["core", package] if package != "core" else ["core"])
+    extra = TEST_DEPS.get(package, []) + (["metaflow"] if package == "plugins" else [])
+    session.install(*PYTEST, *extra, *wheels(session, *dict.fromkeys(needs)))
+    session.run("pytest", *XDIST, f"packages/{PACKAGES[package]}/tests", *session.posargs)
+
+
+def _conformance_cells() -> list[object]:
+    cells: list[object] = []
+    for backend in BACKENDS:
+        versions = SDK_VERSIONS.get(backend) or {"default": ""}
+        cells += [nox.param(backend, label) for label in versions]
+    return cells
+
+
+@nox.session
+@nox.parametrize("backend,sdk", _conformance_cells())
+def conformance(session: nox.Session, backend: str, sdk: str) -> None:
+    """The backend conformance suite (provider backends against their wire emulators)."""
+    requirement = SDK_VERSIONS.get(backend, {}).get(sdk, "")
+    ours = wheels(session, *BACKEND_PACKAGES[backend])
+    if requirement and not requirement.startswith(SDK[backend] + "=="):
+        # A deprecated alias of the SDK: our backend must work with it alone.
+        session.install(*PYTEST, *TEST_DEPS[backend], requirement, *ours[:-1])
+        session.install("--no-deps", ours[-1])
+    else:
+        session.install(*PYTEST, *TEST_DEPS[backend], *ours, *([requirement] if requirement else []))
+    show_versions(
+        session, *(["daytona-sdk" if "daytona-sdk" in requirement else SDK[backend]] if backend in SDK else [])
+    )
+    session.run("pytest", *XDIST, f"tests-shared/conformance/test_{backend}.py", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("metaflow", METAFLOW_VERSIONS)
+@nox.parametrize("backend", BACKENDS)
+def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
+    """Real Metaflow flows with @sandbox on one backend and one Metaflow release."""
+    if not present("plugins"):
+        session.skip("packages/metaflow-sandbox is not in this tree yet")
+    session.install(
+        *PYTEST, *TEST_DEPS[backend], f"metaflow=={metaflow}", *wheels(session, *BACKEND_PACKAGES[backend], "plugins")
+    )
+    show_versions(session, "metaflow")
+    session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the demo on the local backend (the README's demo command)."""
+    if present("plugins") and (ROOT / "docs/examples/demo_flow.py").exists():
+        session.install("metaflow", *wheels(session, "core", "plugins"))
+        session.chdir(session.create_tmp())
+        session.run("python", str(ROOT / "docs/examples/demo_flow.py"), "run", env={"USERNAME": "demo"})
+    else:
+        session.install(*wheels(session, "core"))
+        session.run("python", str(ROOT / "docs/examples/hello_sandbox.py"))
