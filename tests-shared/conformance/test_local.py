@@ -101,3 +101,57 @@ def test_isolation_from_environment_variable(monkeypatch):
 def test_image_is_refused_by_local(sandbox_root):
     with pytest.raises(ConfigurationError, match="no images"):
         get_backend("local", root=sandbox_root).create(SandboxSpec(image="python:3.11"))
+
+
+OWNER = """
+import sys
+from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
+backend = get_backend("local", isolation=sys.argv[1], root=sys.argv[2])
+with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:
+    print(sbx.id, flush=True)
+    sbx.run(f"sleep {sys.argv[3]}1 & sleep {sys.argv[3]}2; echo never", on_stdout=print)
+"""
+
+
+def _sleepers(marker: str) -> list[str]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = stat.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cmdline.startswith(f"sleep {marker}"):
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "process"])
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+def test_nothing_lingers_after_the_caller_is_interrupted(isolation, how, sandbox_root):
+    import signal
+    import time
+
+    root = sandbox_root / f"{isolation}-{how.replace(' ', '')}"
+    marker = str(600 + 10 * ["bwrap", "process"].index(isolation) + ["ctrl-c", "kill -9"].index(how))
+    argv = [sys.executable, "-c", OWNER, isolation, str(root), marker]
+    owner = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    sid = owner.stdout.readline().strip()
+    # Wait until the command really runs in the sandbox before interrupting.
+    pid_dir = root / sid / "pids"
+    for _ in range(500):
+        if any(pid_dir.glob("*")):
+            break
+        time.sleep(0.01)
+    owner.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    owner.wait(30)
+    if how == "ctrl-c":
+        assert not (root / sid).exists(), "the sandbox directory survived Ctrl-C"
+    else:
+        # A killed owner cannot clean up: its processes die with it, the next list() reaps the rest.
+        assert get_backend("local", isolation=isolation, root=root).list() == []
+        assert not (root / sid).exists()
+    for _ in range(100):
+        if not _sleepers(marker):
+            break
+        time.sleep(0.05)
+    assert _sleepers(marker) == []
