@@ -178,6 +178,26 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
 
 
+@nox.session(python=False, tags=["network"])
+def matrix_fresh(session: nox.Session) -> None:
+    """Fail when PyPI has a Metaflow minor line newer than METAFLOW_VERSIONS covers (needs PyPI)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen("https://pypi.org/pypi/metaflow/json", timeout=60) as answer:
+        released = [v for v in json.load(answer)["releases"] if v.replace(".", "").isdigit()]
+
+    def minor(version: str) -> tuple[int, int]:
+        major, minor_, *_ = (int(x) for x in version.split("."))
+        return major, minor_
+
+    newest = max(released, key=lambda v: tuple(int(x) for x in v.split(".")))
+    covered = max(minor(v) for v in METAFLOW_VERSIONS)
+    session.log(f"newest Metaflow on PyPI: {newest}; newest line in the matrix: {covered}")
+    if minor(newest) > covered:
+        session.error(f"Metaflow {newest} is out: add its line to METAFLOW_VERSIONS in noxfile.py.")
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """Run the demo on the local backend (the README's demo command)."""
