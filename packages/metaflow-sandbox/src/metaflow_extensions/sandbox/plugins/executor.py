@@ -1,0 +1,242 @@
+"""Runs one Metaflow task in a sandbox: create, stage in, run with live logs, stage out, destroy.
+
+Layer: plugins (middle: called by ``sandbox_cli``; uses ``staging`` and ``metadata``). Imports:
+the core API (``get_backend`` and the ABC; never a backend module by name), metaflow's mflog.
+
+The task's output is captured here, on the launcher side, in mflog format: each line is echoed
+live as a structured line (the runtime shows it with the task prefix and does not persist it
+twice) and saved as the attempt's ``task`` logs when the task ends, even when the sandbox died.
+This costs nothing inside the sandbox (no tee or save_logs processes) and is the same on every
+backend.
+
+Exit codes: the task's own; ``EXIT_INFRA_RETRYABLE`` (1) when the sandbox failed underneath the
+task (``@retry`` retries it, as with a crashed ``@batch`` job); ``METAFLOW_EXIT_DISALLOW_RETRY``
+(202) when no sandbox could be created for a reason retrying cannot fix (configuration,
+credentials, image), as ``@batch`` does on launch failures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaflow_extensions.sandbox.core import (
+    CommandTimeout,
+    ConfigurationError,
+    ImageError,
+    Resources,
+    Sandbox,
+    SandboxError,
+    SandboxFileNotFound,
+    SandboxSpec,
+    get_backend,
+)
+
+from . import staging
+from .metadata import sandbox_env
+
+EXIT_INFRA_RETRYABLE = 1
+EXIT_DISALLOW_RETRY = 202  # metaflow.exception.METAFLOW_EXIT_DISALLOW_RETRY, stable since 2.x
+SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
+MARKER = "mfsbx/marker"
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """Everything needed to run one task attempt in a sandbox (built by ``sandbox_cli``)."""
+
+    backend: str
+    backend_options: Mapping[str, Any]
+    step_command: str  # the real ``python flow.py ... step ...``, run from the unpacked code
+    location: staging.TaskLocation
+    input_paths: list[str]
+    package: bytes
+    extract_commands: list[str]
+    extract_env: Mapping[str, str]
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    hard_limit_s: int
+    image: str | None = None
+    resources: Resources = field(default_factory=Resources)
+    network: bool = True
+    extra_inputs: list[str] = field(default_factory=list)
+
+
+class TaskLogs:
+    """Echo the task's lines live as mflog lines and keep them for the datastore."""
+
+    def __init__(self) -> None:
+        from metaflow.mflog import TASK_LOG_SOURCE
+        from metaflow.mflog.mflog import decorate
+
+        self._decorate = lambda line: decorate(TASK_LOG_SOURCE, line.encode("utf-8", errors="replace"))
+        self.lines: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.setup_error: str | None = None
+        self._lock = threading.Lock()
+
+    def sink(self, stream: str) -> Callable[[str], None]:
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+
+        def write(line: str) -> None:
+            if stream == "stderr" and line.startswith(SETUP_FAILED):
+                self.setup_error = line[len(SETUP_FAILED) :].strip()
+                return
+            record = self._decorate(line)
+            with self._lock:
+                self.lines[stream].append(record)
+                out.write(record + b"\n")
+                out.flush()
+
+        return write
+
+    def blobs(self) -> dict[str, bytes]:
+        return {stream: b"".join(line + b"\n" for line in lines) for stream, lines in self.lines.items()}
+
+
+def say(message: str) -> None:
+    """A launcher message: plain text, so the runtime persists it in the attempt's runtime log."""
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+
+
+def script(req: TaskRequest) -> str:
+    """The one bash command run in the sandbox: unpack, run the task, pack outputs, exit with the task's code."""
+
+    def fail(what: str) -> str:
+        return f'{{ echo "{SETUP_FAILED} {what}" >&2; exit 97; }}'
+
+    exports = "".join(f'export {k}="{v}"; ' for k, v in req.extract_env.items())
+    extract = " && ".join(req.extract_commands)
+    return "\n".join(
+        [
+            f"{staging.unpack_command()} || {fail('unpacking the task inputs failed')}",
+            f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
+            f"|| {fail('unpacking the code package failed')}",
+            f"{exports}touch ../{MARKER}",
+            req.step_command,
+            "c=$?",
+            "cd ..",
+            f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2",
+            "exit $c",
+        ]
+    )
+
+
+class SandboxTask:
+    """One attempt of one task in one sandbox."""
+
+    def __init__(self, req: TaskRequest):
+        self.req = req
+        self.logs = TaskLogs()
+        self.sandbox: Sandbox | None = None
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, name: str, start: float) -> None:
+        self.timings[name] = time.monotonic() - start
+
+    def create(self) -> Sandbox:
+        """Create the sandbox; configuration problems raise ``SandboxError`` before anything runs."""
+        req = self.req
+        start = time.monotonic()
+        backend = get_backend(req.backend, **dict(req.backend_options))
+        spec = SandboxSpec(
+            image=req.image,
+            env=dict(req.env),
+            labels=dict(req.labels),
+            resources=req.resources,
+            lifetime_s=req.hard_limit_s + 300,
+            network=req.network,
+        )
+        self.sandbox = backend.create(spec)
+        self._timed("create", start)
+        return self.sandbox
+
+    def run(self) -> int:
+        """Stage in, run, stage out. Returns the task's exit code; raises ``SandboxError`` on
+        infrastructure failures (the caller maps them to exit codes)."""
+        req, sbx = self.req, self.sandbox
+        assert sbx is not None
+        with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
+            start = time.monotonic()
+            files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
+            inbound = os.path.join(tmp, "in.tar")
+            staging.build_inputs(inbound, req.package, files)
+            sbx.upload(inbound, staging.IN_ARCHIVE)
+            os.unlink(inbound)
+            self._timed("stage_in", start)
+
+            start = time.monotonic()
+            env = {**sandbox_env(sbx.id, req.backend)}
+            try:
+                result = sbx.run(
+                    script(req),
+                    env=env,
+                    timeout_s=req.hard_limit_s,
+                    on_stdout=self.logs.sink("stdout"),
+                    on_stderr=self.logs.sink("stderr"),
+                )
+            except CommandTimeout as e:
+                raise SandboxError(
+                    f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
+                    "Use @timeout on the step (it fires first, and @catch can handle it) or raise "
+                    "@sandbox(timeout=...).",
+                    sandbox_id=sbx.id,
+                ) from e
+            self._timed("task", start)
+            if self.logs.setup_error:
+                raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
+
+            start = time.monotonic()
+            outbound = os.path.join(tmp, "out.tar")
+            try:
+                sbx.download(staging.OUT_ARCHIVE, outbound)
+            except SandboxFileNotFound as e:
+                raise SandboxError(f"Sandbox {sbx.id} returned no task outputs.", sandbox_id=sbx.id) from e
+            staging.merge_outputs(outbound, req.location, known_blobs)
+            self._timed("stage_out", start)
+        return result.exit_code
+
+    def destroy(self) -> None:
+        if self.sandbox is not None:
+            start = time.monotonic()
+            try:
+                self.sandbox.destroy()
+            except SandboxError as e:
+                say(f"Could not destroy sandbox {self.sandbox.id} ({e}); its lifetime limit will remove it.")
+            self._timed("destroy", start)
+
+
+def exit_code_for(error: BaseException) -> int:
+    """Configuration, credentials, images: retrying cannot help. Everything else may be transient."""
+    if isinstance(error, (ConfigurationError, ImageError)):
+        return EXIT_DISALLOW_RETRY
+    return EXIT_INFRA_RETRYABLE
+
+
+def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> int:
+    """Run ``req`` end to end; always destroy the sandbox and save the captured logs."""
+    task = SandboxTask(req)
+    try:
+        try:
+            sbx = task.create()
+        except SandboxError as e:
+            say(f"Could not create a {req.backend!r} sandbox: {e}")
+            return exit_code_for(e)
+        say(f"Sandbox {sbx.id} ({req.backend}) is running the task.")
+        try:
+            code = task.run()
+        except (SandboxError, staging.StagingError) as e:
+            say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
+            return exit_code_for(e)
+        return code
+    finally:
+        task.destroy()
+        save_logs(task.logs.blobs())
+        if os.environ.get("METAFLOW_SANDBOX_TIMINGS"):
+            say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))

@@ -1,0 +1,316 @@
+"""``@sandbox`` and its static aliases ``@daytona`` and ``@e2b``: run a step in a sandbox.
+
+Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, ``plugins.compat``,
+``plugins.metadata``; the core registry lazily (only where the launcher validates the backend).
+
+This module is imported at every ``import metaflow``, in every task too: keep it light. The
+decorator validates in ``step_init``, saves the code package once per run, and reroutes the task
+to ``flow.py sandbox step ...`` (``sandbox_cli``), which does the actual work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, ClassVar
+
+from metaflow.decorators import StepDecorator
+
+from .exceptions import SandboxException
+
+BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND"
+DEFAULT_BACKEND = "local"
+IN_SANDBOX_ENV = "METAFLOW_SANDBOX_ID"
+"""Set inside a sandbox by the launcher: the task is the remote half, not the launcher."""
+
+# Commands that compile the flow for another orchestrator: they never call the runtime hooks, so
+# a sandboxed step would silently run in the orchestrator's pod instead.
+DEPLOYER_COMMANDS = ("argo-workflows", "step-functions", "airflow")
+# Other compute decorators: a step runs in one place.
+OTHER_COMPUTE = ("batch", "kubernetes", "slurm", "parallel", "nvidia", "nvct")
+FAMILY = ("sandbox", "daytona", "e2b")
+# How long the sandbox outlives the task's own time limit, so that @timeout fires first and @catch
+# can handle it; the hard kill is the backstop.
+GRACE_S = 60
+# Without @timeout, Metaflow's own default run time limit (5 days) would apply.
+DEFAULT_RUN_TIME_LIMIT_S = 5 * 24 * 3600
+
+
+def _is_true(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
+        return False
+    return None
+
+
+def _number(value: Any, name: str, step: str, *, integer: bool, minimum: float) -> float | int | None:
+    """``value`` as a number (``--with`` passes strings), or a SandboxException naming the fix."""
+    if value is None:
+        return None
+    try:
+        number = int(value) if integer else float(value)
+        if isinstance(value, bool) or (integer and float(value) != number):
+            raise ValueError
+    except (TypeError, ValueError):
+        kind = "an integer" if integer else "a number"
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be {kind}.") from None
+    if number < minimum:
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be at least {minimum:g}.")
+    return number
+
+
+class SandboxDecorator(StepDecorator):
+    """
+    Specifies that this step runs in a sandbox: an isolated machine or container from a sandbox
+    backend (``local`` bubblewrap sandboxes, Daytona, E2B, or any installed third-party backend).
+
+    Parameters
+    ----------
+    backend : str, optional, default METAFLOW_SANDBOX_BACKEND or "local"
+        The sandbox backend to use (``pip install metaflow-sandbox-<name>`` adds one).
+    cpu : float, optional, default None
+        Number of CPUs. If ``@resources`` is also present, the maximum of both is used.
+        ``None`` leaves the size to the backend.
+    memory : int, optional, default None
+        Memory in MB. If ``@resources`` is also present, the maximum of both is used.
+    disk : int, optional, default None
+        Disk size in MB. If ``@resources`` is also present, the maximum of both is used.
+    gpu : int, optional, default None
+        Number of GPUs. If ``@resources`` is also present, the maximum of both is used.
+    image : str, optional, default None
+        Backend-specific image (container image, template or snapshot); ``None`` is the backend's
+        default. The ``local`` backend has no images.
+    env : Dict[str, str], optional, default None
+        Environment variables set in the sandbox. Only these, ``@environment`` and what Metaflow
+        needs are forwarded: the launcher's environment does not leak in.
+    timeout : int, optional, default None
+        Hard limit in seconds for the sandbox; it is destroyed when the limit passes. By default
+        the ``@timeout`` of the step (or Metaflow's 5 days) plus a 60 s grace period, so that
+        ``@timeout`` fires first and ``@catch`` can handle it.
+    network : bool, default True
+        ``False`` cuts the sandbox off the network.
+    options : Dict[str, str], optional, default None
+        Backend-specific options passed to the backend's constructor (e.g. ``{"isolation": "bwrap"}``
+        for ``local``).
+    """
+
+    name = "sandbox"
+    defaults: ClassVar[dict[str, Any]] = {
+        "backend": None,
+        "cpu": None,
+        "memory": None,
+        "disk": None,
+        "gpu": None,
+        "image": None,
+        "env": None,
+        "timeout": None,
+        "network": True,
+        "options": None,
+    }
+    # The backend an alias stands for; None for @sandbox itself.
+    alias_of: ClassVar[str | None] = None
+
+    # One code package per run, shared by every sandboxed step (as @batch does).
+    package_sha: ClassVar[str | None] = None
+    package_metadata: ClassVar[str | None] = None
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def step_init(  # noqa: PLR0917 - Metaflow hook signature
+        self, flow: Any, graph: Any, step: str, decos: list[Any], environment: Any, flow_datastore: Any, logger: Any
+    ) -> None:
+        self.step = step
+        self.flow_datastore = flow_datastore
+        self.inert = self._dedupe(step, decos)
+        if self.inert:
+            return
+        self._check_context(step, decos, flow_datastore)
+        self.attributes["backend"] = self._resolve_backend(step)
+        self._validate(step, decos)
+
+    def _dedupe(self, step: str, decos: list[Any]) -> bool:
+        """``--with sandbox`` plus a static ``@daytona`` gives two decorators of one family: the
+        statically declared one wins (it is the more specific), the first one among equals."""
+        family = [d for d in decos if d.name in FAMILY]
+        if len(family) == 1:
+            return False
+        static = [d for d in family if d.statically_defined]
+        if len(static) > 1:
+            names = ", ".join(f"@{d.name}" for d in static)
+            raise SandboxException(f"Step *{step}* has {names}: use one sandbox decorator per step.")
+        winner = static[0] if static else family[0]
+        return winner is not self
+
+    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any) -> None:
+        command = next((arg for arg in sys.argv[1:] if arg in DEPLOYER_COMMANDS), None)
+        if command is not None:
+            raise SandboxException(
+                f"Step *{step}* uses @{self.name}, which `{command}` cannot deploy: the step would "
+                f"silently run in the {command} pod instead of a sandbox. Remove @{self.name} (or the "
+                f"`--with {self.name}` option) before deploying with {command}."
+            )
+        others = [d.name for d in decos if d.name in OTHER_COMPUTE]
+        if others:
+            raise SandboxException(
+                f"Step *{step}* has both @{self.name} and @{others[0]}: a step runs in one place. Remove one of them."
+            )
+        if flow_datastore.TYPE != "local":
+            raise SandboxException(
+                f"@{self.name} on step *{step}* supports only the local datastore for now "
+                f"(got --datastore={flow_datastore.TYPE}). Run with --datastore=local."
+            )
+
+    def _resolve_backend(self, step: str) -> str:
+        requested = self.attributes["backend"]
+        if self.alias_of is not None:
+            if requested not in (None, self.alias_of):
+                raise SandboxException(
+                    f"@{self.name} on step *{step}* always uses the {self.alias_of!r} backend "
+                    f"(got backend={requested!r}). Use @sandbox(backend={requested!r}) instead."
+                )
+            requested = self.alias_of
+        backend = str(requested or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip()
+        if not backend:
+            raise SandboxException(f"@{self.name} on step *{step}*: backend must not be empty.")
+        if os.environ.get(IN_SANDBOX_ENV) is None:
+            # Only the launcher creates sandboxes; entry points do not exist inside one.
+            from metaflow_extensions.sandbox.core import SandboxError
+            from metaflow_extensions.sandbox.core.registry import backend_class
+
+            try:
+                backend_class(backend)
+            except SandboxError as e:
+                raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
+        return backend
+
+    def _validate(self, step: str, decos: list[Any]) -> None:
+        attrs = self.attributes
+        attrs["cpu"] = _number(attrs["cpu"], "cpu", step, integer=False, minimum=0.001)
+        for name in ("memory", "disk"):
+            attrs[name] = _number(attrs[name], name, step, integer=True, minimum=1)
+        attrs["gpu"] = _number(attrs["gpu"], "gpu", step, integer=True, minimum=0)
+        attrs["timeout"] = _number(attrs["timeout"], "timeout", step, integer=True, minimum=1)
+        self._merge_resources(decos)
+        network = _is_true(attrs["network"])
+        if network is None:
+            raise SandboxException(f"@{self.name} on step *{step}*: network={attrs['network']!r} must be True/False.")
+        attrs["network"] = network
+        for name in ("env", "options"):
+            attrs[name] = self._str_map(attrs[name], name, step)
+        bad = sorted(k for k in attrs["env"] if not k.isidentifier())
+        if bad:
+            raise SandboxException(f"@{self.name} on step *{step}*: env names must be shell identifiers; got {bad}.")
+        if attrs["image"] is not None and not isinstance(attrs["image"], str):
+            raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
+
+    def _str_map(self, value: Any, name: str, step: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if isinstance(value, str):  # --with sandbox:env={"K":"v"} may arrive unparsed
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+        if not isinstance(value, dict):
+            raise SandboxException(
+                f"@{self.name} on step *{step}*: {name} must be a dict of strings, "
+                f'e.g. {name}={{"KEY": "value"}}; got {value!r}.'
+            )
+        return {str(k): str(v) for k, v in value.items()}
+
+    def _merge_resources(self, decos: list[Any]) -> None:
+        """``@resources`` merges as with ``@batch``: the maximum of both, per resource."""
+        for deco in decos:
+            if deco.name != "resources":
+                continue
+            for name, integer in (("cpu", False), ("memory", True), ("disk", True), ("gpu", True)):
+                value = _number(deco.attributes.get(name), f"@resources {name}", self.step, integer=integer, minimum=0)
+                if value is not None and (self.attributes[name] is None or value > self.attributes[name]):
+                    self.attributes[name] = value
+
+    # -- the runtime (launcher side) -------------------------------------------------------------
+
+    def runtime_init(self, flow: Any, graph: Any, package: Any, run_id: str) -> None:
+        self.package = package
+
+    def runtime_task_created(  # noqa: PLR0917 - Metaflow hook signature
+        self, task_datastore: Any, task_id: str, split_index: Any, input_paths: Any, is_cloned: bool, ubf_context: Any
+    ) -> None:
+        if not is_cloned and not self.inert:
+            self._save_package_once(self.flow_datastore, self.package)
+
+    @classmethod
+    def _save_package_once(cls, flow_datastore: Any, package: Any) -> None:
+        from .compat import package_blob, package_metadata
+
+        if cls.package_sha is None:
+            _url, sha = flow_datastore.save_data([package_blob(package)], len_hint=1)[0]
+            SandboxDecorator.package_sha = sha
+            SandboxDecorator.package_metadata = package_metadata(package)
+
+    def runtime_step_cli(self, cli_args: Any, retry_count: int, max_user_code_retries: int, ubf_context: Any) -> None:
+        if self.inert or retry_count > max_user_code_retries:
+            # The @catch fallback attempt runs locally, as with @batch.
+            return
+        cli_args.commands = ["sandbox", "step"]
+        cli_args.command_args.append(SandboxDecorator.package_sha)
+        cli_args.command_args.append(SandboxDecorator.package_metadata or "-")
+        # @conda/@pypi rewrite the interpreter unless they know the compute decorator: the
+        # launcher must run with this Python, which has the backends installed.
+        cli_args.entrypoint[0] = sys.executable
+
+    # -- the task (inside the sandbox) -----------------------------------------------------------
+
+    def task_pre_step(  # noqa: PLR0917 - Metaflow hook signature
+        self,
+        step_name: str,
+        task_datastore: Any,
+        metadata: Any,
+        run_id: str,
+        task_id: str,
+        flow: Any,
+        graph: Any,
+        retry_count: int,
+        max_retries: int,
+        ubf_context: Any,
+        inputs: Any,
+    ) -> None:
+        # Also runs for the local @catch fallback attempt: record only what happened in a sandbox.
+        if os.environ.get(IN_SANDBOX_ENV) and not getattr(self, "inert", False):
+            from .metadata import register_sandbox_metadata
+
+            register_sandbox_metadata(metadata, run_id, step_name, task_id, retry_count)
+
+    # -- for the launcher ------------------------------------------------------------------------
+
+    def run_time_limit(self, decos: list[Any]) -> int:
+        """The hard limit of the sandboxed task, in seconds (see ``timeout`` in the docstring)."""
+        if self.attributes.get("timeout"):
+            return int(self.attributes["timeout"])
+        from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
+
+        return int(get_run_time_limit_for_task(decos) or DEFAULT_RUN_TIME_LIMIT_S) + GRACE_S
+
+
+class DaytonaDecorator(SandboxDecorator):
+    """
+    ``@daytona(...)`` is ``@sandbox(backend="daytona", ...)``; see ``@sandbox`` for the parameters.
+    Needs ``pip install metaflow-sandbox-daytona``.
+    """
+
+    name = "daytona"
+    alias_of = "daytona"
+
+
+class E2BDecorator(SandboxDecorator):
+    """
+    ``@e2b(...)`` is ``@sandbox(backend="e2b", ...)``; see ``@sandbox`` for the parameters.
+    Needs ``pip install metaflow-sandbox-e2b``.
+    """
+
+    name = "e2b"
+    alias_of = "e2b"

@@ -1,0 +1,207 @@
+"""Moving a task's local-datastore inputs into a sandbox and its outputs back: one archive each way.
+
+Layer: plugins (bottom: used by the executor). Imports: the standard library only; it knows the
+local datastore's layout, not Metaflow's classes, so it is testable on plain directories.
+
+In: the code package, the ``_meta/_self.json`` files of flow/run/step/task, and per input path the
+parent's latest DONE attempt (``attempt.json``, ``DONE.lock``, ``data.json``) plus each blob its
+``data.json`` lists (each blob once). Paths keep their absolute location: the task runs against a
+datastore root at the launcher's path, so recorded paths stay valid afterwards.
+
+Out: the task directory, the blobs created in the sandbox (not those staged in), and the task's
+cards. ``merge_outputs`` checks every member against the directories the task may write,
+extracts to temporary files, then renames them into place, ``DONE.lock`` last: a failure before
+the renames leaves nothing behind, and no reader ever sees a task marked done without its data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shlex
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_MEMBER = "mfsbx/job.tar"
+ROOT_PREFIX = "root"
+"""Archive members under ``root/`` are absolute paths (the leading ``/`` dropped)."""
+IN_ARCHIVE = "mfsbx/in.tar"
+OUT_ARCHIVE = "mfsbx/out.tar"
+_DONE = re.compile(r"^(\d+)\.DONE\.lock$")
+
+
+class StagingError(Exception):
+    """The archive is unusable or holds paths the task may not write (an infrastructure failure)."""
+
+
+@dataclass(frozen=True)
+class TaskLocation:
+    """Where one task attempt lives in the local datastore."""
+
+    root: str  # the datastore root, absolute (…/.metaflow)
+    flow: str
+    run_id: str
+    step: str
+    task_id: str
+    card_root: str | None = None  # the local card root (…/.metaflow/mf.cards), absolute
+
+    @property
+    def task_dir(self) -> str:
+        return os.path.join(self.root, self.flow, self.run_id, self.step, self.task_id)
+
+    @property
+    def blob_dir(self) -> str:
+        return os.path.join(self.root, self.flow, "data")
+
+    @property
+    def card_dir(self) -> str | None:
+        if not self.card_root:
+            return None
+        return os.path.join(self.card_root, self.flow, "runs", self.run_id, "steps", self.step, "tasks", self.task_id)
+
+    def writable(self) -> list[str]:
+        """Directories whose files a task may create."""
+        return [d for d in (self.task_dir, self.blob_dir, self.card_dir) if d]
+
+
+@dataclass
+class Staged:
+    """What went into the sandbox."""
+
+    files: list[str] = field(default_factory=list)
+    blobs: set[str] = field(default_factory=set)
+    bytes: int = 0
+
+
+def latest_done_attempt(task_dir: str) -> int | None:
+    """The highest attempt of a task that has a ``DONE.lock``; a later attempt without one (in
+    flight, or failed) is never staged."""
+    try:
+        names = os.listdir(task_dir)
+    except FileNotFoundError:
+        return None
+    done = [int(m.group(1)) for m in map(_DONE.match, names) if m]
+    return max(done) if done else None
+
+
+def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[str] = ()) -> tuple[list[str], set[str]]:
+    """Absolute paths of every file the task reads, and the blob keys among them."""
+    files: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        if path not in seen and os.path.isfile(path):
+            seen.add(path)
+            files.append(path)
+
+    flow_dir = os.path.join(loc.root, loc.flow)
+    for parts in ((), (loc.run_id,), (loc.run_id, loc.step), (loc.run_id, loc.step, loc.task_id)):
+        add(os.path.join(flow_dir, *parts, "_meta", "_self.json"))
+    blobs: set[str] = set()
+    for pathspec in input_paths:
+        run_id, step, task_id = pathspec.split("/")[-3:]
+        parent = os.path.join(flow_dir, run_id, step, task_id)
+        attempt = latest_done_attempt(parent)
+        if attempt is None:
+            raise StagingError(f"The input task {pathspec} has no completed attempt in {parent}.")
+        for suffix in ("attempt.json", "DONE.lock", "data.json"):
+            add(os.path.join(parent, f"{attempt}.{suffix}"))
+        add(os.path.join(flow_dir, run_id, step, "_meta", "_self.json"))
+        with open(os.path.join(parent, f"{attempt}.data.json")) as f:
+            blobs.update(json.load(f).get("objects", {}).values())
+    for key in sorted(blobs):
+        blob = os.path.join(loc.blob_dir, key[:2], key)
+        add(blob)
+        add(f"{blob}_meta")
+    for path in extra:
+        if os.path.isdir(path):
+            for dirpath, _dirs, names in os.walk(path):
+                for name in sorted(names):
+                    add(os.path.join(dirpath, name))
+        else:
+            add(path)
+    return files, blobs
+
+
+def build_inputs(archive: str, package: bytes, files: Iterable[str]) -> Staged:
+    """Write the inbound archive: the code package, then each file at ``root/<absolute path>``."""
+    staged = Staged()
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(PACKAGE_MEMBER)
+        info.size = len(package)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(package))
+        for path in files:
+            # Regular files only: directories are created as needed and keep the sandbox's modes.
+            tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
+            staged.files.append(path)
+            staged.bytes += os.path.getsize(path)
+    return staged
+
+
+def unpack_command(archive: str = IN_ARCHIVE) -> str:
+    """Shell: unpack the inbound archive inside the sandbox. Files that already exist are kept
+    (a backend without a private root shares the launcher's datastore; never rewrite it)."""
+    return (
+        f"tar -x -f {archive} --occurrence=1 {PACKAGE_MEMBER} && "
+        f"tar -x -f {archive} -C / --strip-components=1 --skip-old-files --wildcards '{ROOT_PREFIX}/*'"
+    )
+
+
+def pack_command(loc: TaskLocation, marker: str, archive: str = OUT_ARCHIVE) -> str:
+    """Shell: pack the task's outputs (its directory, blobs newer than ``marker``, its cards)."""
+    dirs = " ".join(shlex.quote(d) for d in (loc.task_dir, loc.card_dir) if d)
+    blob_dir = shlex.quote(loc.blob_dir)
+    list_file = f"{archive}.list"
+    return (
+        f'{{ for d in {dirs}; do [ -d "$d" ] && find "$d" -type f; done; '
+        f"[ -d {blob_dir} ] && find {blob_dir} -type f -newer {marker}; }} | sed 's|^/||' > {list_file}; "
+        f"tar -c -f {archive} -C / -T {list_file}"
+    )
+
+
+def _allowed(path: str, loc: TaskLocation) -> bool:
+    real = os.path.normpath(path)
+    return any(real.startswith(d.rstrip("/") + "/") for d in loc.writable())
+
+
+def merge_outputs(archive: str, loc: TaskLocation, known_blobs: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Merge the outbound archive into the local datastore, atomically per task (see module doc).
+
+    Blobs the launcher already has are skipped. Returns the paths written.
+    """
+    pending: list[tuple[str, str]] = []
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                path = "/" + member.name.lstrip("/")
+                if not member.isfile() or ".." in Path(member.name).parts or not _allowed(path, loc):
+                    raise StagingError(f"The sandbox returned {member.name!r}, outside the task's own outputs.")
+                is_blob = path.startswith(loc.blob_dir + "/")
+                if is_blob and (os.path.basename(path) in known_blobs or os.path.exists(path)):
+                    continue  # content-addressed: same name, same bytes
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+                pending.append((tmp, path))
+                source = tar.extractfile(member)
+                assert source is not None
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    # Blobs first, then task files, DONE.lock last: a reader that sees DONE sees everything.
+    pending.sort(key=lambda p: (not p[1].startswith(loc.blob_dir + "/"), bool(_DONE.match(os.path.basename(p[1])))))
+    for tmp, path in pending:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return [path for _, path in pending]
