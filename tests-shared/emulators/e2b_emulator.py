@@ -398,6 +398,9 @@ class Handler(BaseHTTPRequestHandler):
             raw = raw[:5] + zlib.decompress(raw[5:], 16 + zlib.MAX_WBITS)
         request = json.loads(raw[5 : 5 + length] if not flags & 0x01 else raw[5:])
         timeout_ms = self.headers.get("Connect-Timeout-Ms")
+        if timeout_ms and not timeout_ms.isdigit():
+            # connect-go (envd) accepts only an integer of at most 10 digits.
+            return self.connect_error(400, "invalid_argument", f"invalid Connect-Timeout-Ms {timeout_ms!r}")
         timeout_s = int(timeout_ms) / 1000 if timeout_ms else None
         if method == "Start":
             config = request.get("process") or {}

@@ -1,0 +1,276 @@
+"""The ``e2b`` backend: sandboxes on E2B (https://e2b.dev) through the official ``e2b`` SDK.
+
+Layer: e2b backend. Imports: the standard library and core; the ``e2b`` SDK lazily (through
+``errors.sdk``), so that importing this module never requires it.
+
+How the core spec maps to E2B: ``image`` → template (default ``base``), ``env`` → ``envs`` (at
+create and per command), ``labels`` → sandbox metadata (what ``list`` filters on), ``network=False``
+→ ``allow_internet_access=False``, ``lifetime_s`` → the sandbox timeout, pushed forward while a
+command runs so a long step never hits it. CPU, memory and disk are fixed by the template: asking
+for them warns (a GPU is refused). Commands run with ``bash -l -c`` in ``/home/user`` (the default
+user's home, also the base of relative file paths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from metaflow_extensions.sandbox.core import (
+    ConfigurationError,
+    Sandbox,
+    SandboxBackend,
+    SandboxError,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxUnavailable,
+)
+from metaflow_extensions.sandbox.core.retry import with_retries
+
+from .commands import CommandRun
+from .errors import KEY_REMEDY, check_sdk_version, sdk, translate, translate_create, translate_download
+
+T = TypeVar("T")
+WORKDIR = "/home/user"
+_TEMPLATE_SIZES = (
+    "E2B sizes sandboxes by template, not per sandbox: build a template with the CPU and memory you "
+    "need (`e2b template build --cpu-count N --memory-mb M`) and pass it as image=<template>."
+)
+
+
+class E2BResourceWarning(UserWarning):
+    """Requested resources that E2B cannot give per sandbox (they are fixed by the template)."""
+
+
+def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, envd: bool = False) -> T:
+    """Run an SDK call, translating whatever it raises into a core error."""
+    try:
+        return action()
+    except SandboxError:
+        raise
+    except Exception as e:
+        raise translate(e, doing, sandbox_id=sandbox_id, envd=envd) from e
+
+
+class E2BSandbox(Sandbox):
+    """A live E2B sandbox; ``sdk`` is the SDK's ``Sandbox`` object."""
+
+    def __init__(self, sdk_sandbox: Any, spec: SandboxSpec, backend: E2BBackend):
+        super().__init__(sdk_sandbox.sandbox_id, "e2b", spec)
+        self.sdk = sdk_sandbox
+        self.backend_ref = backend
+        # How long E2B actually grants (a plan may cap the timeout); learned without delaying create.
+        self._window = float(spec.lifetime_s)
+        threading.Thread(target=self._learn_window, name=f"e2b-info-{self.id}", daemon=True).start()
+
+    def _learn_window(self) -> None:
+        with contextlib.suppress(Exception):
+            info = self.sdk.get_info(request_timeout=self.backend_ref.request_timeout_s)
+            granted = (info.end_at - datetime.now(timezone.utc)).total_seconds()
+            if granted > 0:
+                self._window = min(self._window, granted)
+
+    def refresh_every(self) -> float:
+        """How often to push the deadline forward: well inside the granted window."""
+        return max(0.5, self._window / 3)
+
+    # -- used by CommandRun while a command runs -------------------------------------------------
+
+    def keep_alive(self) -> None:
+        """Reset the sandbox's deadline to now + its lifetime."""
+        timeout = int(self.spec.lifetime_s)
+
+        def refresh() -> None:
+            try:
+                self.sdk.set_timeout(timeout, request_timeout=self.backend_ref.request_timeout_s)
+            except Exception as e:
+                if isinstance(e, sdk().NotFoundException) or "404" in str(e)[:4]:
+                    raise SandboxUnavailable(
+                        f"Sandbox {self.id} is gone (expired or killed).", sandbox_id=self.id
+                    ) from e
+                raise translate(e, "extending the sandbox's timeout", sandbox_id=self.id) from e
+
+        with_retries(refresh, attempts=3, cap_s=2.0)
+
+    def running_pids(self) -> set[int]:
+        processes = _call(
+            lambda: self.sdk.commands.list(request_timeout=self.backend_ref.request_timeout_s),
+            "listing processes",
+            sandbox_id=self.id,
+            envd=True,
+        )
+        return {int(p.pid) for p in processes}
+
+    def is_alive(self) -> bool:
+        try:
+            return bool(self.sdk.is_running(request_timeout=min(10.0, self.backend_ref.request_timeout_s)))
+        except Exception:
+            return False
+
+    # -- the Sandbox primitives ------------------------------------------------------------------
+
+    def _path(self, path: str) -> str:
+        return path if path.startswith("/") else f"{self.backend_ref.workdir}/{path}"
+
+    def _run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        timeout_s: float | None,
+        on_stdout: Callable[[str], None],
+        on_stderr: Callable[[str], None],
+    ) -> int:
+        return CommandRun(self, command, env=env, timeout_s=timeout_s, on_stdout=on_stdout, on_stderr=on_stderr).run()
+
+    def _upload(self, src: Path, dst: str) -> None:
+        path = self._path(dst)
+
+        def write() -> None:
+            with src.open("rb") as data:
+                # A file object: SDKs >= 2.36 stream it (octet-stream); older ones read it whole.
+                _call(lambda: self.sdk.files.write(path, data), f"uploading to {path!r}", sandbox_id=self.id, envd=True)
+
+        with_retries(write)
+
+    def _download(self, src: str, dst: Path) -> None:
+        path = self._path(src)
+
+        def read() -> None:
+            try:
+                with dst.open("wb") as out:
+                    for chunk in self.sdk.files.read(path, format="stream"):
+                        out.write(chunk)
+            except SandboxError:
+                raise
+            except Exception as e:
+                raise translate_download(e, path, self.id) from e
+
+        with_retries(read)
+
+    def _destroy(self) -> None:
+        self.backend_ref.destroy(self.id)
+
+
+class E2BBackend(SandboxBackend):
+    """Sandboxes on E2B.
+
+    Parameters
+    ----------
+    api_key : str, optional
+        Default ``$E2B_API_KEY``. Required.
+    template : str, optional
+        The template used when a spec has no ``image``. Default: E2B's ``base``.
+    workdir : str, default "/home/user"
+        Where commands run and relative paths point.
+    check_interval_s : float, default 30
+        While a command runs: how often to extend the sandbox's timeout and check that the
+        command's output stream is alive (a stalled stream is reported within two intervals).
+    request_timeout_s : float, default 60
+        Bound on each API call, and on how long starting a command may take.
+    api_url, sandbox_url, domain : str, optional
+        Where E2B is (default ``$E2B_API_URL``, ``$E2B_SANDBOX_URL``, ``$E2B_DOMAIN`` or e2b.app).
+    """
+
+    name = "e2b"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        template: str | None = None,
+        workdir: str = WORKDIR,
+        check_interval_s: float = 30.0,
+        request_timeout_s: float = 60.0,
+        api_url: str | None = None,
+        sandbox_url: str | None = None,
+        domain: str | None = None,
+    ):
+        self._e2b = sdk()
+        check_sdk_version()
+        api_key = api_key or os.environ.get("E2B_API_KEY")
+        if not api_key:
+            raise ConfigurationError("The e2b sandbox backend needs an E2B API key; none is set.", remedy=KEY_REMEDY)
+        if check_interval_s <= 0 or request_timeout_s <= 0:
+            raise ConfigurationError("check_interval_s and request_timeout_s must be positive seconds.")
+        self.template = template
+        self.workdir = workdir.rstrip("/") or "/"
+        self.check_interval_s = float(check_interval_s)
+        self.request_timeout_s = float(request_timeout_s)
+        given = {"api_url": api_url, "sandbox_url": sandbox_url, "domain": domain}
+        self._opts: dict[str, Any] = {
+            "api_key": api_key,
+            "request_timeout": self.request_timeout_s,
+            **{k: v for k, v in given.items() if v},
+        }
+        # Newer SDKs accept an idempotency key, which makes retrying a create safe.
+        self._idempotent_create = "idempotency_key" in inspect.signature(self._e2b.Sandbox.create).parameters
+
+    def _check_resources(self, spec: SandboxSpec) -> None:
+        res = spec.resources
+        if res.gpu:
+            raise ConfigurationError(f"E2B sandboxes have no GPUs (asked for gpu={res.gpu}).", remedy=_TEMPLATE_SIZES)
+        asked = {k: v for k, v in (("cpu", res.cpu), ("memory_mb", res.memory_mb), ("disk_mb", res.disk_mb)) if v}
+        if asked:
+            shown = ", ".join(f"{k}={v}" for k, v in asked.items())
+            template = spec.image or self.template or "base"
+            warnings.warn(
+                f"E2B cannot size a sandbox per request ({shown} ignored; the template {template!r} decides). "
+                + _TEMPLATE_SIZES,
+                E2BResourceWarning,
+                stacklevel=3,
+            )
+
+    def create(self, spec: SandboxSpec) -> E2BSandbox:
+        self._check_resources(spec)
+        template = spec.image or self.template
+        kwargs: dict[str, Any] = {
+            "template": template,
+            "timeout": int(spec.lifetime_s),
+            "metadata": dict(spec.labels),
+            "envs": dict(spec.env),
+            "allow_internet_access": spec.network,
+            **self._opts,
+        }
+        if self._idempotent_create:
+            kwargs["idempotency_key"] = str(uuid.uuid4())
+
+        def attempt() -> Any:
+            try:
+                return self._e2b.Sandbox.create(**kwargs)
+            except Exception as e:
+                raise translate_create(e, template or "base") from e
+
+        return E2BSandbox(with_retries(attempt), spec, self)
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        query = self._e2b.SandboxQuery(metadata=dict(labels)) if labels else None
+
+        def fetch() -> list[Any]:
+            pages = self._e2b.Sandbox.list(query=query, limit=100, **self._opts)
+            found: list[Any] = []
+            while pages.has_next:
+                found += pages.next_items()
+            return found
+
+        found = with_retries(lambda: _call(fetch, "listing sandboxes"))
+        return sorted(
+            (SandboxInfo(id=s.sandbox_id, backend=self.name, labels=dict(s.metadata or {})) for s in found),
+            key=lambda info: info.id,
+        )
+
+    def destroy(self, sandbox_id: str) -> None:
+        # Sandbox.kill answers False for an unknown id: already gone is not an error.
+        with_retries(
+            lambda: _call(
+                lambda: self._e2b.Sandbox.kill(sandbox_id, **self._opts), "destroying a sandbox", sandbox_id=sandbox_id
+            )
+        )
