@@ -39,7 +39,8 @@ SDK = {"daytona": "daytona", "e2b": "e2b"}
 # whose requirement names another project (a deprecated alias) installs our backend without deps.
 SDK_VERSIONS: dict[str, dict[str, str]] = {
     "daytona": {},
-    "e2b": {},
+    # 2.7: first SDK with E2B_SANDBOX_URL (pointable at the emulator); 2.63: newest checked.
+    "e2b": {"oldest": "e2b==2.7.0", "latest": "e2b==2.63.0"},
 }
 # Extra test dependencies per backend (emulators, fixtures).
 TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": [], "e2b": []}
