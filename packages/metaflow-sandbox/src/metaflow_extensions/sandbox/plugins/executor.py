@@ -18,6 +18,7 @@ credentials, image), as ``@batch`` does on launch failures.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 import threading
@@ -118,7 +119,8 @@ def script(req: TaskRequest) -> str:
             f"{staging.unpack_command()} || {fail('unpacking the task inputs failed')}",
             f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
             f"|| {fail('unpacking the code package failed')}",
-            f"{exports}touch ../{MARKER}",
+            # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
+            f"ln -sfn {shlex.quote(req.location.root)} .metaflow && {exports}touch ../{MARKER}",
             req.step_command,
             "c=$?",
             "cd ..",

@@ -135,10 +135,11 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
     if os.path.basename(root.rstrip("/")) == ".metaflow":
         # IncludeFile and other config-derived local paths resolve from the system root.
         env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(root.rstrip("/"))
-    from metaflow.plugins.cards.card_datastore import CardDatastore
-
-    card_root = CardDatastore.get_storage_root("local")
-    env["METAFLOW_CARD_LOCALROOT"] = card_root
+    # Cards: the client reads them from <ds-root>/mf.cards. In the sandbox, Metaflow finds the card
+    # root by walking up from the working directory to a `.metaflow` (METAFLOW_CARD_LOCALROOT is
+    # ignored up to 2.19: get_storage_root returns None when it is set), so the executor links
+    # `.metaflow` in the code directory to the datastore root.
+    card_root = os.path.join(root, "mf.cards")
     for other in node.decorators:
         if other.name == "environment":  # only set on the launcher otherwise
             env.update({k: str(v) for k, v in other.attributes["vars"].items()})

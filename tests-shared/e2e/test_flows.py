@@ -1,0 +1,179 @@
+"""Real flows with @sandbox, run by real Metaflow, checked through the Client API and ``flow.py logs``.
+
+Layer: tests-shared/e2e. Imports: pytest, the standard library, ``sandbox_testing``.
+
+Few flows, many checks each: every flow run costs seconds of sandboxes, so each test runs one
+flow and asserts everything it demonstrates.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+import pytest
+
+from sandbox_testing.flows import interrupt, wait_for_line
+
+pytestmark = pytest.mark.e2e
+
+
+def task(run: dict, step: str, index: int = 0) -> dict:
+    return run["steps"][step][index]
+
+
+def run_id_of(output: str) -> str:
+    match = re.search(r"run-id (\S+?)\)?:", output)
+    assert match, output
+    return match.group(1)
+
+
+def test_linear_flow_parameters_env_logs_and_metadata(flowdir, backend_name):
+    (flowdir.path / "input.txt").write_text("included-text")
+    proc = flowdir.run(
+        "linear_flow.py", "run", "--alpha", "5", "--data", "input.txt", "--tag", "e2e-tag",
+        env={"SBX_LAUNCHER_ONLY": "must-not-leak"},
+    )  # fmt: skip
+    run = flowdir.inspect("LinearFlow")
+    assert run["successful"] and "e2e-tag" in run["tags"]
+    start = task(run, "start")
+    assert start["artifacts"]["x"] == 10
+    assert start["artifacts"]["greeting"] == "hello-from-env"
+    assert start["artifacts"]["data_text"] == "included-text"
+    assert start["artifacts"]["leaked"] is None, "the launcher's environment leaked into the sandbox"
+    assert start["sandbox"]["sandbox-backend"] == backend_name and start["sandbox"]["sandbox-id"]
+    assert start["stdout"] == "start says hi\n"
+    assert "start warns" in start["stderr"]
+    middle = task(run, "middle")
+    assert middle["artifacts"]["y"] == 11 and middle["artifacts"]["envdeco"] == "from-environment"
+    end = task(run, "end")
+    assert end["artifacts"]["in_sandbox_at_end"] is False and not end["sandbox"]
+    # Streamed live, with Metaflow's task prefix.
+    assert re.search(r"\[\S+/start/1 \(pid \d+\)\] start says hi", proc.stdout + proc.stderr)
+    logs = flowdir.run("linear_flow.py", "logs", f"{run['id']}/start")
+    assert "start says hi" in logs.stdout + logs.stderr
+    err_logs = flowdir.run("linear_flow.py", "logs", "--stderr", f"{run['id']}/start")
+    assert "start warns" in err_logs.stdout + err_logs.stderr
+    assert flowdir.live_sandboxes("linear_flow.py") == []
+
+
+def test_with_sandbox_on_every_step(flowdir, backend_name):
+    flowdir.run("linear_flow.py", "--with", "sandbox:cpu=1,memory=512", "run")
+    run = flowdir.inspect("LinearFlow")
+    assert run["successful"]
+    end = task(run, "end")
+    assert end["artifacts"]["in_sandbox_at_end"] is True
+    assert end["sandbox"]["sandbox-backend"] == backend_name
+    # The static @sandbox(env=...) of start is kept, not replaced by the --with one.
+    assert task(run, "start")["artifacts"]["greeting"] == "hello-from-env"
+
+
+def test_graph_shapes_large_artifact_card_retry_catch_timeout(flowdir, backend_name):
+    flowdir.run("branching_flow.py", "run", "--width", "3", "--big_mb", "24")
+    run = flowdir.inspect("BranchingFlow")
+    assert run["successful"]
+    assert len(run["steps"]["fan"]) == 3 and len(run["steps"]["inner"]) == 6
+    assert sorted(t["artifacts"]["values"] for t in run["steps"]["inner_join"]) == [[0, 1], [10, 11], [20, 21]]
+    assert task(run, "outer_join")["artifacts"]["all_values"] == [0, 1, 10, 11, 20, 21]
+    assert task(run, "split")["artifacts"]["big_ok_in_sandbox"] is True
+    end = task(run, "end")
+    assert end["artifacts"]["big_ok_locally"] is True
+    sandboxed = [t for s in ("start", "fan", "inner") for t in run["steps"][s]]
+    assert all(t["sandbox"]["sandbox-backend"] == backend_name for t in sandboxed)
+    assert any("card-from-sandbox" in card for card in task(run, "start")["cards"])
+    # @retry: the first attempt raised, the second (a new sandbox) succeeded.
+    flaky = task(run, "flaky")
+    assert flaky["attempt"] == 1 and flaky["artifacts"]["flaky_attempt"] == 1
+    # @timeout fired in the sandbox and @catch handled it there.
+    assert "timed out" in task(run, "and_join")["artifacts"]["caught"]
+    # A crash: the @catch fallback attempt ran locally (no sandbox metadata on attempt 1).
+    crashy = task(run, "crashy")
+    assert crashy["attempt"] == 1 and task(run, "and_join")["artifacts"]["crash_caught"] is True
+    assert "crashy dies" in crashy["stdout"] or "crashy dies" in flowdir.outputs[0]
+    assert flowdir.live_sandboxes("branching_flow.py") == []
+
+
+def test_user_exception_fails_the_run_after_retries(flowdir):
+    proc = flowdir.run("failing_flow.py", "run", "--mode", "exception", ok=False)
+    assert "boom-user-error" in proc.stdout + proc.stderr
+    assert "Task is starting (retry)" in proc.stdout + proc.stderr
+    run = flowdir.inspect("FailingFlow")
+    assert not run["successful"]
+    work = task(run, "work")
+    assert "boom-user-error" in work["stderr"]
+    logs = flowdir.run("failing_flow.py", "logs", "--stderr", f"{run['id']}/work")
+    assert "boom-user-error" in logs.stdout + logs.stderr
+
+
+def test_nonzero_exit_is_a_task_failure(flowdir):
+    proc = flowdir.run("failing_flow.py", "run", "--mode", "exit", ok=False)
+    out = proc.stdout + proc.stderr
+    assert "exiting with 7" in out and "Task failed" in out
+    assert "Task is starting (retry)" in out  # a user-code failure: @retry applies
+
+
+def test_resume_reruns_the_failed_step_in_a_sandbox(flowdir, backend_name):
+    first = flowdir.run("failing_flow.py", "run", env={"SBX_FAIL": "1"}, ok=False)
+    origin = run_id_of(first.stdout + first.stderr)
+    flowdir.run("failing_flow.py", "resume", "--origin-run-id", origin)
+    resumed = flowdir.inspect("FailingFlow")
+    assert resumed["successful"] and resumed["id"] != origin
+    original = flowdir.inspect("FailingFlow", origin)
+    assert task(resumed, "start")["artifacts"]["token"] == task(original, "start")["artifacts"]["token"]
+    work = task(resumed, "work")
+    assert work["artifacts"]["attempt"] == 0 and work["sandbox"]["sandbox-backend"] == backend_name
+
+
+def test_sandbox_destroyed_mid_step_is_an_infrastructure_failure_and_retried(flowdir):
+    proc = flowdir.start("failing_flow.py", "run", "--mode", "sleep")
+    lines: list[str] = []
+    wait_for_line(proc, "sleeping-now", lines)
+    listed = flowdir.run("failing_flow.py", "sandbox", "list")
+    assert "/work/2 attempt 0" in listed.stdout + listed.stderr
+    killed = flowdir.run("failing_flow.py", "sandbox", "kill")
+    assert "Destroyed" in killed.stdout + killed.stderr
+    rest, _ = proc.communicate(timeout=600)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "Infrastructure failure" in out
+    run = flowdir.inspect("FailingFlow")
+    assert task(run, "work")["artifacts"]["attempt"] == 1
+
+
+def test_ctrl_c_destroys_live_sandboxes(flowdir):
+    proc = flowdir.start("failing_flow.py", "run", "--mode", "sleep")
+    lines: list[str] = []
+    wait_for_line(proc, "sleeping-now", lines)
+    assert flowdir.live_sandboxes("failing_flow.py"), "the sandbox should be running"
+    interrupt(proc)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert flowdir.live_sandboxes("failing_flow.py") == [], "".join(lines) + rest
+
+
+def _bad_arguments() -> list[object]:
+    cases = [
+        pytest.param(["--with", "sandbox:cpu=lots"], "cpu='lots' must be a number", id="cpu"),
+        pytest.param(["--with", "sandbox:memory=-5"], "memory", id="memory"),
+        pytest.param(["--with", "sandbox:backend=nosuch"], "Unknown sandbox backend 'nosuch'", id="backend"),
+        pytest.param(["--with", "sandbox:env=notadict"], "env must be a dict", id="env"),
+    ]
+    for alias, dist in (("daytona", "metaflow-sandbox-daytona"), ("e2b", "metaflow-sandbox-e2b")):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            cases.append(pytest.param(["--with", alias], f"pip install {dist}", id=f"{alias}-not-installed"))
+    return cases
+
+
+@pytest.mark.parametrize(("args", "message"), _bad_arguments())
+def test_bad_arguments_fail_before_anything_runs(flowdir, args, message):
+    proc = flowdir.run("linear_flow.py", *args, "run", ok=False)
+    out = proc.stdout + proc.stderr
+    assert "Sandbox error" in out and message in out, out
+    assert "Workflow starting" not in out
+
+
+def test_deployers_fail_fast(flowdir):
+    proc = flowdir.run("linear_flow.py", "argo-workflows", "create", ok=False)
+    assert "cannot deploy" in proc.stdout + proc.stderr

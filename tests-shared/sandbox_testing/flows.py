@@ -1,0 +1,98 @@
+"""Running e2e flows: a directory with copies of the flows, run as subprocesses, inspected
+through the Client API (``inspect_run.py``), and helpers to interrupt them.
+
+Layer: tests-shared. Imports: pytest, the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RUN_TIMEOUT_S = 600
+
+
+@dataclass
+class FlowDir:
+    """A directory with copies of the e2e flows, and helpers to run and inspect them."""
+
+    path: Path
+    env: dict[str, str]
+    backend: str
+    sandbox_root: Path
+    outputs: list[str] = field(default_factory=list)
+
+    def command(self, flow: str, *args: str) -> list[str]:
+        if flow == "inspect_run.py":
+            return [sys.executable, flow, *args]
+        return [sys.executable, "-u", flow, "--no-pylint", *args]
+
+    def run(
+        self, flow: str, *args: str, ok: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``flow.py *args``; ``ok`` says whether it must succeed (else it must fail)."""
+        proc = subprocess.run(
+            self.command(flow, *args),
+            cwd=self.path,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
+        # Kept for the failure report (the tail: that is where errors are).
+        self.outputs.append(f"$ {flow} {' '.join(args)}\n{(proc.stdout + proc.stderr)[-20000:]}")
+        assert (proc.returncode == 0) == ok, f"exit code {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def start(self, flow: str, *args: str) -> subprocess.Popen[str]:
+        """Start ``flow.py *args`` in its own process group (so it can be sent Ctrl-C)."""
+        return subprocess.Popen(
+            self.command(flow, *args),
+            cwd=self.path,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def inspect(self, flow_class: str, run_id: str | None = None) -> dict:
+        """The run as the Client API sees it (see inspect_run.py)."""
+        proc = self.run("inspect_run.py", flow_class, *([run_id] if run_id else []))
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    def live_sandboxes(self, flow: str) -> list[str]:
+        """Sandboxes still alive. For ``local`` the sandbox directories themselves are counted,
+        since ``list`` would reap those whose owner died and hide a leak."""
+        if self.backend == "local":
+            return sorted(p.name for p in self.sandbox_root.glob("sbx-*"))
+        out = self.run(flow, "sandbox", "list").stdout
+        return [line for line in out.splitlines() if ":" in line and "No live sandboxes" not in line]
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, lines: list[str], limit_s: float = 300) -> None:
+    """Read ``proc``'s output until a line contains ``needle`` (kept in ``lines``)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + limit_s
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    pytest.fail(f"never saw {needle!r}:\n{''.join(lines)}")
+
+
+def interrupt(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C: SIGINT to the whole process group, as a terminal does."""
+    os.killpg(proc.pid, signal.SIGINT)
