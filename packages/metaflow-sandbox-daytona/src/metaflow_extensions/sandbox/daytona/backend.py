@@ -1,0 +1,366 @@
+"""The ``daytona`` backend: core's ``SandboxBackend``/``Sandbox`` on the official Daytona SDK.
+
+Layer: backend. Imports: the standard library, core, and this package (``sdk``, ``errors``,
+``commands``). The SDK itself is imported lazily through ``sdk.load_sdk``.
+
+How the core spec maps onto Daytona (details in the package README):
+
+- ``image`` → a sandbox built from that registry image (``CreateSandboxFromImageParams``); no
+  image → a snapshot (the backend's ``snapshot=`` option, else Daytona's default): the fast path.
+- resources → whole vCPUs and GiB, rounded up (``memory_mb=1500`` → 2 GiB); Daytona sizes
+  snapshot sandboxes by the snapshot, so resources only apply with an image.
+- ``network=False`` → ``network_block_all``; ``env`` → the sandbox's env and every command's.
+- ``lifetime_s`` → auto-stop after that much inactivity, then immediate auto-delete: the backstop
+  when the launcher dies. While a handle is alive a keepalive refreshes the sandbox's activity, so
+  a long step is never auto-stopped (processes inside do not count as activity on Daytona).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from metaflow_extensions.sandbox.core import (
+    CommandTimeout,
+    ConfigurationError,
+    ImageError,
+    Sandbox,
+    SandboxBackend,
+    SandboxError,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxUnavailable,
+    TransientError,
+)
+from metaflow_extensions.sandbox.core.retry import backoff_delays
+
+from .commands import SessionCommand, wrap
+from .errors import KEYS_URL, call, download_error, is_not_found
+from .sdk import load_sdk
+
+OWNER_LABEL = ("created-by", "metaflow-sandbox")
+"""Every sandbox we create carries it; ``list`` only ever reports (and ``kill`` removes) those."""
+TOKEN_LABEL = "metaflow-sandbox-create-token"
+"""Unique per create call: finds the sandbox of a create whose answer was lost."""
+_GONE_STATES = {"destroyed", "destroying"}
+
+
+def _gib(megabytes: int | None) -> int | None:
+    return None if megabytes is None else max(1, math.ceil(megabytes / 1024))
+
+
+def _state(sdk_sandbox: Any) -> str:
+    state = getattr(sdk_sandbox, "state", None)
+    return str(getattr(state, "value", state) or "").lower()
+
+
+class DaytonaSandbox(Sandbox):
+    """A running Daytona sandbox (wraps the SDK's ``Sandbox``)."""
+
+    def __init__(self, backend: DaytonaBackend, sdk_sandbox: Any, spec: SandboxSpec):
+        super().__init__(str(sdk_sandbox.id), "daytona", spec)
+        self._backend = backend
+        self._sdk_sandbox = sdk_sandbox
+        self._workdir: str | None = None
+        self._stop_keepalive = threading.Event()
+        interval = max(5.0, min(60.0, spec.lifetime_s / 3))
+        threading.Thread(target=self._keepalive, args=(interval,), daemon=True, name=f"keepalive-{self.id}").start()
+
+    def _keepalive(self, interval: float) -> None:
+        while not self._stop_keepalive.wait(interval):
+            try:
+                self._call("refreshing activity", self._sdk_sandbox.refresh_activity, retry=False)
+            except SandboxError:
+                continue  # the next beat retries; auto-stop is minutes away
+
+    def _call(self, what: str, fn: Callable[[], Any], retry: bool = True) -> Any:
+        return call(what, fn, retry=retry, sandbox_id=self.id)
+
+    def _ensure_alive(self) -> None:
+        """Raise ``SandboxUnavailable`` unless the sandbox is still running at Daytona."""
+        if self.destroyed:
+            raise SandboxUnavailable(f"Sandbox {self.id} was destroyed while a command ran.", sandbox_id=self.id)
+        state, reason = self._backend._state_of(self.id)
+        if state != "started":
+            detail = f": {reason}" if reason else ""
+            raise SandboxUnavailable(
+                f"Daytona sandbox {self.id} is {state or 'gone'} while a command ran{detail}.", sandbox_id=self.id
+            )
+
+    def _work_dir(self) -> str:
+        if self._workdir is None:
+            self._workdir = str(self._call("reading the working directory", self._sdk_sandbox.get_work_dir))
+        return self._workdir
+
+    def _run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        timeout_s: float | None,
+        on_stdout: Callable[[str], None],
+        on_stderr: Callable[[str], None],
+    ) -> int:
+        out: list[str] = []
+        err: list[str] = []
+
+        def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
+            def both(chunk: str) -> None:
+                keep.append(chunk)
+                sink(chunk)
+
+            return both
+
+        cmd = SessionCommand(self._sdk_sandbox, self._backend._sdk, self.id, self._ensure_alive)
+        try:
+            cmd.start(wrap(command, env, self._work_dir(), cmd.key))
+        except SandboxError as e:
+            if not e.transient:
+                self._ensure_alive()  # a vanished sandbox is SandboxUnavailable, not a bare error
+            raise
+        follower = threading.Thread(
+            target=cmd.follow, args=(tee(on_stdout, out), tee(on_stderr, err)), daemon=True, name=f"logs-{cmd.key}"
+        )
+        follower.start()
+        try:
+            finished = cmd.done.wait(timeout_s)
+        except BaseException:
+            cmd.stop.set()  # Ctrl-C: the caller's ``with`` block destroys the sandbox
+            raise
+        if not finished:
+            cmd.kill()
+            raise CommandTimeout(
+                f"Command timed out after {timeout_s} s in Daytona sandbox {self.id}; its processes were killed.",
+                timeout_s=timeout_s or 0.0,
+                stdout="".join(out),
+                stderr="".join(err),
+                sandbox_id=self.id,
+            )
+        try:
+            return cmd.result()
+        finally:
+            if cmd.failure is None:
+                cmd.delete_session()
+
+    def _upload(self, src: Path, dst: str) -> None:
+        # A path (not bytes) makes the SDK stream the file from disk.
+        self._call(f"upload to {dst!r}", lambda: self._sdk_sandbox.fs.upload_file(str(src), dst))
+
+    def _download(self, src: str, dst: Path) -> None:
+        def fetch() -> None:
+            try:
+                # With a local path the SDK streams the multipart answer straight into the file.
+                self._sdk_sandbox.fs.download_file(src, str(dst))
+            except SandboxError:
+                raise
+            except Exception as e:
+                raise download_error(e, src, self.id) from e
+
+        self._call(f"download of {src!r}", fetch)
+
+    def _destroy(self) -> None:
+        self._stop_keepalive.set()
+
+        def delete() -> None:
+            try:
+                self._sdk_sandbox.delete()
+            except Exception as e:
+                if not is_not_found(e):
+                    raise
+
+        self._call("deleting the sandbox", delete)
+
+
+class DaytonaBackend(SandboxBackend):
+    """Sandboxes on Daytona (https://daytona.io), through the ``daytona`` SDK.
+
+    Parameters
+    ----------
+    api_key : str, optional
+        Default ``$DAYTONA_API_KEY`` (or ``$DAYTONA_JWT_TOKEN`` with ``$DAYTONA_ORGANIZATION_ID``).
+    api_url : str, optional
+        Default ``$DAYTONA_API_URL``, else ``https://app.daytona.io/api``.
+    target : str, optional
+        The region; default ``$DAYTONA_TARGET``, else the organization's default.
+    snapshot : str, optional
+        The snapshot for sandboxes without an image (the fast path); default Daytona's default snapshot.
+    create_timeout_s : float, default 300
+        How long creating (and, for an image, building) a sandbox may take.
+    """
+
+    name = "daytona"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        target: str | None = None,
+        snapshot: str | None = None,
+        create_timeout_s: float = 300,
+    ):
+        self._sdk, self.sdk_version = load_sdk()
+        self.api_key = api_key or os.environ.get("DAYTONA_API_KEY")
+        self._jwt = os.environ.get("DAYTONA_JWT_TOKEN")
+        self._org = os.environ.get("DAYTONA_ORGANIZATION_ID")
+        if not self.api_key and not (self._jwt and self._org):
+            raise ConfigurationError(
+                "The daytona backend needs a Daytona API key and DAYTONA_API_KEY is not set.",
+                remedy=f"Create a key at {KEYS_URL}, then: export DAYTONA_API_KEY=...",
+            )
+        self.api_url = api_url or os.environ.get("DAYTONA_API_URL") or None
+        self.target = target or os.environ.get("DAYTONA_TARGET") or None
+        self.snapshot = snapshot
+        if not (isinstance(create_timeout_s, (int, float)) and create_timeout_s > 0):
+            raise ConfigurationError(f"create_timeout_s must be a positive number; got {create_timeout_s!r}.")
+        self.create_timeout_s = float(create_timeout_s)
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The SDK's ``Daytona`` client, made on first use (it opens connections)."""
+        with self._client_lock:
+            if self._client is None:
+                config = self._sdk.DaytonaConfig(
+                    api_key=self.api_key,
+                    api_url=self.api_url,
+                    target=self.target,
+                    **({"jwt_token": self._jwt, "organization_id": self._org} if not self.api_key else {}),
+                )
+                self._client = call("connecting", lambda: self._sdk.Daytona(config), retry=False)
+            return self._client
+
+    # -- create ----------------------------------------------------------------------------------
+
+    def params(self, spec: SandboxSpec, token: str) -> Any:
+        """The SDK's create parameters for ``spec`` (see the module docstring for the mapping)."""
+        sdk = self._sdk
+        common: dict[str, Any] = {
+            "env_vars": dict(spec.env),
+            "labels": {**spec.labels, OWNER_LABEL[0]: OWNER_LABEL[1], TOKEN_LABEL: token},
+            "auto_stop_interval": max(1, math.ceil(spec.lifetime_s / 60)),
+            "auto_delete_interval": 0,
+        }
+        if not spec.network:
+            common["network_block_all"] = True
+        res = spec.resources
+        wants_resources = any(v is not None for v in (res.cpu, res.memory_mb, res.disk_mb, res.gpu))
+        if spec.image:
+            resources = None
+            if wants_resources:
+                cpu = None if res.cpu is None else max(1, math.ceil(res.cpu))
+                resources = sdk.Resources(cpu=cpu, memory=_gib(res.memory_mb), disk=_gib(res.disk_mb), gpu=res.gpu)
+            return sdk.CreateSandboxFromImageParams(image=spec.image, resources=resources, **common)
+        if wants_resources:
+            warnings.warn(
+                "Daytona sizes a sandbox made from a snapshot by the snapshot: the requested resources are "
+                "ignored. Give an image to size the sandbox, or create a snapshot of the size you need.",
+                stacklevel=3,
+            )
+        return sdk.CreateSandboxFromSnapshotParams(snapshot=self.snapshot, **common)
+
+    def create(self, spec: SandboxSpec) -> DaytonaSandbox:
+        token = uuid.uuid4().hex
+        params = self.params(spec, token)
+        delays = backoff_delays(5, 0.5, 8.0)
+        while True:
+            try:
+                created = call("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
+                return DaytonaSandbox(self, created, spec)
+            except TransientError:
+                # Creating is not idempotent: a lost answer may hide a sandbox. Adopt it, if any.
+                found = self._by_token(token)
+                if found is not None and _state(found) == "started":
+                    return DaytonaSandbox(self, found, spec)
+                if found is not None:
+                    self._delete_quietly(found)
+                if not delays:
+                    raise
+                threading.Event().wait(delays.pop(0))
+            except SandboxError as e:
+                # A failed build or start leaves a sandbox behind at Daytona: remove it.
+                leftover = self._by_token(token, quiet=True)
+                if leftover is not None:
+                    self._delete_quietly(leftover)
+                if "build" in str(e).lower() and not isinstance(e, ImageError):
+                    raise ImageError(e.message, remedy="Check that the image builds and starts.") from e
+                raise
+
+    def _by_token(self, token: str, quiet: bool = False) -> Any:
+        try:
+            found = self._list_sdk({TOKEN_LABEL: token})
+        except SandboxError:
+            if quiet:
+                return None
+            raise
+        return found[0] if found else None
+
+    def _delete_quietly(self, sdk_sandbox: Any) -> None:
+        with contextlib.suppress(SandboxError):
+            call("deleting a sandbox", sdk_sandbox.delete)
+
+    # -- list / destroy --------------------------------------------------------------------------
+
+    def _list_sdk(self, labels: Mapping[str, str]) -> list[Any]:
+        """SDK sandboxes carrying ``labels``, over both list APIs (cursor-paged since 0.226)."""
+        client, sdk = self.client, self._sdk
+        wanted = dict(labels)
+        if hasattr(sdk, "ListSandboxesQuery"):
+            return list(call("list", lambda: list(client.list(sdk.ListSandboxesQuery(labels=wanted)))))
+        found: list[Any] = []
+        page = 1
+        while True:
+            result = call("list", lambda: client.list(labels=wanted, page=page, limit=100))  # noqa: B023
+            if isinstance(result, list):  # releases without pagination
+                return result
+            found += list(result.items)
+            if page >= int(getattr(result, "total_pages", 1) or 1):
+                return found
+            page += 1
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        wanted = {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
+        return sorted(
+            (
+                SandboxInfo(id=str(s.id), backend=self.name, labels=dict(s.labels or {}))
+                for s in self._list_sdk(wanted)
+                if _state(s) not in _GONE_STATES and wanted.items() <= dict(s.labels or {}).items()
+            ),
+            key=lambda info: info.id,
+        )
+
+    def _state_of(self, sandbox_id: str) -> tuple[str, str]:
+        """``(state, error reason)`` of a sandbox; ``("", "")`` when Daytona no longer knows it."""
+        try:
+            found = call("reading the sandbox state", lambda: self.client.get(sandbox_id))
+        except SandboxError as e:
+            if is_not_found(e.__cause__ or e):
+                return "", ""
+            raise
+        return _state(found), str(getattr(found, "error_reason", "") or "")
+
+    def destroy(self, sandbox_id: str) -> None:
+        try:
+            found = call("finding the sandbox", lambda: self.client.get(sandbox_id))
+        except SandboxError as e:
+            if is_not_found(e.__cause__ or e):
+                return
+            raise
+        if _state(found) in _GONE_STATES:
+            return
+
+        def delete() -> None:
+            try:
+                found.delete()
+            except Exception as e:
+                if not is_not_found(e):
+                    raise
+
+        call("deleting the sandbox", delete)

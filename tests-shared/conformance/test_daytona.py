@@ -1,0 +1,239 @@
+"""Conformance of the ``daytona`` backend against the Daytona wire emulator, plus its own contract:
+configuration errors, error translation through the real SDK, spec mapping, injected faults, and
+no sandbox left behind. ``-m live`` runs the same suite against the real Daytona.
+
+Layer: tests-shared. Imports: pytest, the standard library, core, ``sandbox_testing`` and (for
+inspecting what reached the wire) the backend's own SDK client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from metaflow_extensions.sandbox.core import (
+    AuthenticationError,
+    ConfigurationError,
+    ImageError,
+    QuotaExceeded,
+    Resources,
+    SandboxSpec,
+    SandboxUnavailable,
+    get_backend,
+)
+from sandbox_testing.conformance import BackendConformance
+from sandbox_testing.emulators import emulator_state, start_emulator
+
+KEY = "emulator-key"
+
+
+@pytest.fixture(scope="session")
+def daytona_emulator() -> Iterator[str]:
+    """One emulator per test process (each xdist worker has its own)."""
+    with start_emulator("daytona") as url:
+        yield url
+
+
+def set_faults(url: str, **faults: object) -> None:
+    request = urllib.request.Request(
+        f"{url}/_emulator/faults", data=json.dumps(faults).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+NO_FAULTS = {"latency_ms": 0, "rate_429": 0, "rate_503": 0, "die_next": 0, "drop_next": 0, "match": ""}
+
+
+@pytest.fixture
+def emulator(daytona_emulator: str) -> Iterator[str]:
+    """The emulator, fault-free, checked to hold no sandbox after the test."""
+    set_faults(daytona_emulator, **NO_FAULTS)
+    yield daytona_emulator
+    set_faults(daytona_emulator, **NO_FAULTS)
+    assert emulator_state(daytona_emulator)["live"] == 0, "a test left a sandbox behind"
+
+
+def daytona(url: str, **options: object):
+    return get_backend("daytona", api_url=f"{url}/api", api_key=KEY, **options)
+
+
+class TestDaytonaEmulated(BackendConformance):
+    @pytest.fixture
+    def backend(self, emulator):
+        return daytona(emulator)
+
+
+class TestDaytonaUnderFaults(BackendConformance):
+    """The whole suite again with a fifth of all requests answered 429 or 503 and log streams cut."""
+
+    @pytest.fixture
+    def backend(self, emulator):
+        set_faults(emulator, rate_429=0.1, rate_503=0.1, drop_next=1000)
+        return daytona(emulator)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_missing_api_key_says_how_to_get_one(monkeypatch):
+    for var in ("DAYTONA_API_KEY", "DAYTONA_JWT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigurationError) as info:
+        get_backend("daytona")
+    assert "DAYTONA_API_KEY" in str(info.value) and "export DAYTONA_API_KEY=" in str(info.value)
+    assert "app.daytona.io" in str(info.value)
+
+
+def test_environment_variables_configure_the_backend(emulator, monkeypatch):
+    monkeypatch.setenv("DAYTONA_API_KEY", KEY)
+    monkeypatch.setenv("DAYTONA_API_URL", f"{emulator}/api")
+    monkeypatch.setenv("DAYTONA_TARGET", "eu")
+    backend = get_backend("daytona")
+    with backend.create(SandboxSpec()) as sbx:
+        assert sbx.run("echo ok").stdout == "ok\n"
+        assert backend.client.get(sbx.id).target == "eu"
+
+
+def test_rejected_key_is_an_authentication_error(emulator):
+    with pytest.raises(AuthenticationError) as info:
+        get_backend("daytona", api_url=f"{emulator}/api", api_key="invalid-key").create(SandboxSpec())
+    assert "DAYTONA_API_KEY" in str(info.value)
+
+
+@pytest.mark.parametrize(("option", "spec"), [("snapshot", SandboxSpec()), (None, SandboxSpec(image="missing:1"))])
+def test_unknown_snapshot_or_image_is_an_image_error(emulator, option, spec):
+    backend = daytona(emulator, **({"snapshot": "missing-snapshot"} if option else {}))
+    with pytest.raises(ImageError) as info:
+        backend.create(spec)
+    assert info.value.remedy
+
+
+def test_quota_is_final_with_a_remedy():
+    with start_emulator("daytona", "--max-live", "1") as url:
+        backend = daytona(url)
+        with backend.create(SandboxSpec()), pytest.raises(QuotaExceeded) as info:
+            backend.create(SandboxSpec())
+        assert "kill" in (info.value.remedy or "")
+        assert emulator_state(url)["live"] == 0
+
+
+# -- spec mapping ----------------------------------------------------------------------------------
+
+
+def test_spec_maps_onto_daytona_parameters(emulator):
+    backend = daytona(emulator)
+    spec = SandboxSpec(
+        image="python:3.11-slim",
+        resources=Resources(cpu=1.5, memory_mb=1500, disk_mb=4096),
+        lifetime_s=5400,
+        network=False,
+        labels={"flow": "F"},
+    )
+    with backend.create(spec) as sbx:
+        seen = backend.client.get(sbx.id)
+        assert (seen.cpu, seen.memory, seen.disk) == (2, 2, 4)  # whole vCPUs and GiB, rounded up
+        assert seen.network_block_all is True
+        assert (seen.auto_stop_interval, seen.auto_delete_interval) == (90, 0)
+        assert seen.labels["flow"] == "F" and seen.labels["created-by"] == "metaflow-sandbox"
+
+
+def test_list_reports_only_sandboxes_this_package_created(emulator):
+    backend = daytona(emulator)
+    foreign = backend.client.create(timeout=30)  # made with the SDK directly, as a user would
+    try:
+        with backend.create(SandboxSpec(labels={"mine": "1"})) as sbx:
+            assert [i.id for i in backend.list()] == [sbx.id]
+    finally:
+        foreign.delete()
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def test_sandbox_dying_mid_command_is_unavailable_not_retried(emulator):
+    backend = daytona(emulator)
+    set_faults(emulator, die_next=1, die_after_s=0.5, match="die-here")
+    with backend.create(SandboxSpec()) as sbx:
+        sbx.run("echo before > count.txt")
+        with pytest.raises(SandboxUnavailable):
+            sbx.run("echo die-here >> attempts.txt; sleep 30")
+    # The emulator's state shows the sandbox removed by leaving the block (checked by the fixture).
+
+
+def test_dropped_log_streams_lose_and_repeat_nothing(emulator):
+    backend = daytona(emulator)
+    set_faults(emulator, drop_next=50)
+    with backend.create(SandboxSpec()) as sbx:
+        lines: list[str] = []
+        res = sbx.run("for i in $(seq 1 40); do echo line$i; echo err$i >&2; sleep 0.02; done", on_stdout=lines.append)
+    assert lines == [f"line{i}" for i in range(1, 41)]
+    assert res.stderr == "".join(f"err{i}\n" for i in range(1, 41))
+
+
+def test_rate_limits_and_unavailable_answers_are_retried(emulator, tmp_path):
+    backend = daytona(emulator)
+    set_faults(emulator, rate_429=0.3, rate_503=0.2)
+    for _ in range(3):
+        with backend.create(SandboxSpec(labels={"faulty": "1"})) as sbx:
+            sbx.upload(b"payload", "in.bin")
+            assert sbx.run("cat in.bin; echo; echo done").stdout == "payload\ndone\n"
+            sbx.download("in.bin", tmp_path / "out.bin")
+            assert (tmp_path / "out.bin").read_bytes() == b"payload"
+    set_faults(emulator, rate_429=0, rate_503=0)
+    assert backend.list(labels={"faulty": "1"}) == []
+
+
+def test_each_command_runs_once_under_faults(emulator):
+    backend = daytona(emulator)
+    with backend.create(SandboxSpec()) as sbx:
+        set_faults(emulator, rate_429=0.25, rate_503=0.25, drop_next=100)
+        for i in range(10):
+            sbx.run(f"echo {i} >> runs.txt")
+        set_faults(emulator, rate_429=0, rate_503=0)
+        assert sbx.run("cat runs.txt").stdout == "".join(f"{i}\n" for i in range(10))
+
+
+OWNER = """
+import sys
+from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
+backend = get_backend("daytona", api_url=sys.argv[1] + "/api", api_key="k")
+with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:
+    sbx.run("echo started; sleep 300", on_stdout=print)
+"""
+
+
+def test_ctrl_c_of_the_caller_destroys_its_sandbox(emulator):
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(OWNER), emulator], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None and owner.stdout.readline() == "started\n"
+    owner.send_signal(signal.SIGINT)
+    owner.wait(60)
+    for _ in range(100):
+        if emulator_state(emulator)["live"] == 0:
+            break
+        time.sleep(0.1)
+    assert emulator_state(emulator)["live"] == 0
+
+
+# -- the real service -----------------------------------------------------------------------------
+
+
+def _live_configured() -> bool:
+    return bool(os.environ.get("DAYTONA_API_KEY")) and "127.0.0.1" not in os.environ.get("DAYTONA_API_URL", "")
+
+
+@pytest.mark.live
+@pytest.mark.skipif(not _live_configured(), reason="DAYTONA_API_KEY is not set: no real Daytona to test against")
+class TestDaytonaLive(BackendConformance):
+    @pytest.fixture
+    def backend(self):
+        return get_backend("daytona")
