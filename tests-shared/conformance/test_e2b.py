@@ -39,11 +39,11 @@ class TestE2BEmulated(BackendConformance):
     def backend(self, e2b_emulator):
         return emulated(e2b_emulator, check_interval_s=1)
 
-    def test_launcher_files_are_invisible(self, sandbox, tmp_path):
-        secret = tmp_path / "launcher-secret.txt"
-        secret.write_text("s3cr3t")
-        res = sandbox.run(f"cat {secret}; ls {Path.cwd()}")
-        assert res.exit_code != 0 and "s3cr3t" not in res.stdout
+    def test_launcher_files_are_invisible(self, sandbox, tmp_path, monkeypatch):
+        (tmp_path / "flow.py").write_text("s3cr3t")
+        monkeypatch.chdir(tmp_path)
+        assert sandbox.run(f"cat {tmp_path}/flow.py").exit_code != 0
+        assert "flow.py" not in sandbox.run(f"ls -a {tmp_path} {Path.cwd()}").stdout
 
     def test_runs_in_the_user_home_with_bash(self, sandbox):
         res = sandbox.run('echo "$PWD $HOME $BASH_VERSION"')
@@ -55,6 +55,11 @@ class TestE2BEmulated(BackendConformance):
         with backend.create(self.spec(lifetime_s=2)) as sbx:
             res = sbx.run("sleep 6; echo survived")
         assert res.stdout == "survived\n"
+
+    def test_a_lifetime_beyond_what_e2b_accepts_is_capped(self, backend):
+        # Metaflow's default run time limit is 5 days; E2B refuses sandbox timeouts over 24 h.
+        with backend.create(self.spec(lifetime_s=5 * 24 * 3600)) as sbx:
+            assert sbx.run("echo ok").stdout == "ok\n"
 
     def test_network_false_cuts_the_network(self, backend):
         with backend.create(self.spec(network=False)) as sbx:
@@ -108,6 +113,19 @@ def test_sandboxes_expire_at_their_timeout_in_the_emulator(e2b_emulator):
     sbx = e2b.Sandbox.create(timeout=1, api_key=EMULATOR_API_KEY, api_url=e2b_emulator, sandbox_url=e2b_emulator)
     time.sleep(2.5)
     assert not sbx.is_running()
+
+
+@pytest.fixture(scope="module")
+def short_lived_emulator():
+    # Every sandbox lives at most 3 s past its last refresh, whatever the client asks for.
+    with start_emulator("e2b", "--max-lifetime", "3") as url:
+        yield url
+
+
+def test_long_commands_are_kept_alive_when_e2b_grants_less_than_asked(short_lived_emulator):
+    backend = emulated(short_lived_emulator, check_interval_s=30)
+    with backend.create(SandboxSpec(lifetime_s=600)) as sbx:
+        assert sbx.run("sleep 8; echo survived").stdout == "survived\n"
 
 
 def test_missing_key_names_the_variable(monkeypatch):

@@ -12,7 +12,9 @@ It speaks what the SDK (2.7 to 2.63) sends: the REST control plane (``/sandboxes
 create, connect, info, list by metadata with pagination, timeout, kill), envd's Connect protocol
 with the JSON codec (``process.Process/Start|Connect`` as streams of enveloped events over chunked
 HTTP/1.1 with keepalives; ``List``, ``SendSignal`` unary) and the files API (``GET|POST /files``,
-multipart or octet-stream, gzip). Sandboxes expire at their timeout like the real service.
+multipart or octet-stream, gzip). Sandboxes expire at their timeout like the real service (which
+refuses timeouts over 24 h); ``--max-lifetime S`` silently caps every timeout to S seconds, so a
+test can scale the lifetime down and check that long commands are kept alive.
 
 Test hooks: ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; faults from flags or
 ``POST /_emulator/faults`` (a JSON object with the same keys as ``Faults``): latency, a fraction of
@@ -60,6 +62,7 @@ from metaflow_extensions.sandbox.core import get_backend
 DEFAULT_API_KEY = "e2b_" + "0" * 40
 ENVD_VERSION = "0.5.7"  # >= 0.4.0: default user, no Basic auth; >= 0.5.7: octet-stream uploads
 CPU, MEMORY_MB, DISK_MB = 2, 512, 10240  # what E2B's base template reports
+PLAN_MAX_TIMEOUT_S = 86400  # E2B refuses longer sandbox timeouts (24 h on Pro plans)
 
 
 @dataclasses.dataclass
@@ -292,6 +295,8 @@ class Handler(BaseHTTPRequestHandler):
             self.emu.remove(sandbox_id)
             return self.reply(204)
         if parts[2:] == ["timeout"] and method == "POST":
+            if float(body.get("timeout") or 0) > PLAN_MAX_TIMEOUT_S:
+                return self.error(400, "Timeout cannot be greater than 24 hours")
             sbx.set_timeout(self.emu.lifetime(body.get("timeout")))
             return self.reply(204)
         if parts[2:] == ["connect"] and method == "POST":
@@ -323,6 +328,8 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def create(self, body: dict[str, Any]) -> None:
+        if float(body.get("timeout") or 0) > PLAN_MAX_TIMEOUT_S:
+            return self.error(400, "Timeout cannot be greater than 24 hours")
         template = body.get("templateID") or "base"
         if template not in self.emu.templates:
             return self.error(404, f"template '{template}' not found")
@@ -534,7 +541,12 @@ def main() -> None:
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--templates", default="base", help="comma-separated template names that exist")
     parser.add_argument("--default-lifetime", type=float, default=300, help="seconds, when create sends none")
-    parser.add_argument("--max-lifetime", type=float, default=86400, help="cap on any requested timeout (s)")
+    parser.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=PLAN_MAX_TIMEOUT_S,
+        help="silently cap every requested timeout to this (s): scaled-down lifetimes for tests",
+    )
     parser.add_argument("--keepalive-s", type=float, default=0, help="keepalive ping interval cap (s)")
     parser.add_argument("--latency-ms", type=float, default=0)
     parser.add_argument("--rate-429", type=float, default=0)

@@ -56,7 +56,7 @@ def test_unknown_option_is_a_configuration_error():
         get_backend("e2b", api_key=KEY, cpu=2)
 
 
-@pytest.mark.parametrize("option", ["check_interval_s", "request_timeout_s"])
+@pytest.mark.parametrize("option", ["check_interval_s", "request_timeout_s", "max_timeout_s"])
 def test_intervals_must_be_positive(option):
     with pytest.raises(ConfigurationError, match=option):
         get_backend("e2b", api_key=KEY, **{option: 0})
@@ -103,3 +103,20 @@ def test_missing_sdk_names_the_install_command():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "pip install 'e2b>=2.7,<3'" in out
+
+
+def test_check_interval_and_template_from_the_environment(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S", "2.5")
+    monkeypatch.setenv("METAFLOW_SANDBOX_E2B_TEMPLATE", "team-template")
+    backend = get_backend("e2b", api_key=KEY)
+    assert (backend.check_interval_s, backend.template) == (2.5, "team-template")
+    monkeypatch.setenv("METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S", "soon")
+    with pytest.raises(ConfigurationError, match="METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S"):
+        get_backend("e2b", api_key=KEY)
+
+
+def test_sandbox_timeout_is_capped_to_what_every_plan_accepts():
+    backend = get_backend("e2b", api_key=KEY)
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 3600
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120
+    assert get_backend("e2b", api_key=KEY, max_timeout_s=86400).sandbox_timeout(SandboxSpec(lifetime_s=10**6)) == 86400

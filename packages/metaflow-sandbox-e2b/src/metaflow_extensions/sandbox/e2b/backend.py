@@ -46,6 +46,20 @@ _TEMPLATE_SIZES = (
 )
 
 
+CHECK_INTERVAL_ENV = "METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S"
+TEMPLATE_ENV = "METAFLOW_SANDBOX_E2B_TEMPLATE"
+
+
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"${name} must be a number of seconds; got {raw!r}.") from None
+
+
 class E2BResourceWarning(UserWarning):
     """Requested resources that E2B cannot give per sandbox (they are fixed by the template)."""
 
@@ -67,8 +81,9 @@ class E2BSandbox(Sandbox):
         super().__init__(sdk_sandbox.sandbox_id, "e2b", spec)
         self.sdk = sdk_sandbox
         self.backend_ref = backend
+        self.timeout_s = backend.sandbox_timeout(spec)
         # How long E2B actually grants (a plan may cap the timeout); learned without delaying create.
-        self._window = float(spec.lifetime_s)
+        self._window = float(self.timeout_s)
         threading.Thread(target=self._learn_window, name=f"e2b-info-{self.id}", daemon=True).start()
 
     def _learn_window(self) -> None:
@@ -85,8 +100,8 @@ class E2BSandbox(Sandbox):
     # -- used by CommandRun while a command runs -------------------------------------------------
 
     def keep_alive(self) -> None:
-        """Reset the sandbox's deadline to now + its lifetime."""
-        timeout = int(self.spec.lifetime_s)
+        """Reset the sandbox's deadline to now + its timeout."""
+        timeout = self.timeout_s
 
         def refresh() -> None:
             try:
@@ -168,14 +183,20 @@ class E2BBackend(SandboxBackend):
     api_key : str, optional
         Default ``$E2B_API_KEY``. Required.
     template : str, optional
-        The template used when a spec has no ``image``. Default: E2B's ``base``.
+        The template used when a spec has no ``image``. Default ``$METAFLOW_SANDBOX_E2B_TEMPLATE``,
+        else E2B's ``base``.
     workdir : str, default "/home/user"
         Where commands run and relative paths point.
-    check_interval_s : float, default 30
-        While a command runs: how often to extend the sandbox's timeout and check that the
-        command's output stream is alive (a stalled stream is reported within two intervals).
+    check_interval_s : float, optional
+        While a command runs: how often to check that the sandbox and the command's output stream
+        are alive (a stalled stream is reported within two intervals) and, at most, how often to
+        extend the sandbox's timeout. Default ``$METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S``, else 30.
     request_timeout_s : float, default 60
         Bound on each API call, and on how long starting a command may take.
+    max_timeout_s : int, default 3600
+        Cap on the E2B sandbox timeout (E2B refuses more than 1 h on Hobby plans, 24 h on Pro).
+        Commands still run longer (the timeout is extended while they run); the cap only bounds
+        how long a sandbox whose owner vanished lingers.
     api_url, sandbox_url, domain : str, optional
         Where E2B is (default ``$E2B_API_URL``, ``$E2B_SANDBOX_URL``, ``$E2B_DOMAIN`` or e2b.app).
     """
@@ -188,8 +209,9 @@ class E2BBackend(SandboxBackend):
         api_key: str | None = None,
         template: str | None = None,
         workdir: str = WORKDIR,
-        check_interval_s: float = 30.0,
+        check_interval_s: float | None = None,
         request_timeout_s: float = 60.0,
+        max_timeout_s: int = 3600,
         api_url: str | None = None,
         sandbox_url: str | None = None,
         domain: str | None = None,
@@ -199,9 +221,12 @@ class E2BBackend(SandboxBackend):
         api_key = api_key or os.environ.get("E2B_API_KEY")
         if not api_key:
             raise ConfigurationError("The e2b sandbox backend needs an E2B API key; none is set.", remedy=KEY_REMEDY)
-        if check_interval_s <= 0 or request_timeout_s <= 0:
-            raise ConfigurationError("check_interval_s and request_timeout_s must be positive seconds.")
-        self.template = template
+        if check_interval_s is None:
+            check_interval_s = _float_env(CHECK_INTERVAL_ENV, 30.0)
+        if check_interval_s <= 0 or request_timeout_s <= 0 or max_timeout_s <= 0:
+            raise ConfigurationError("check_interval_s, request_timeout_s and max_timeout_s must be positive seconds.")
+        self.max_timeout_s = int(max_timeout_s)
+        self.template = template or os.environ.get(TEMPLATE_ENV) or None
         self.workdir = workdir.rstrip("/") or "/"
         self.check_interval_s = float(check_interval_s)
         self.request_timeout_s = float(request_timeout_s)
@@ -213,6 +238,10 @@ class E2BBackend(SandboxBackend):
         }
         # Newer SDKs accept an idempotency key, which makes retrying a create safe.
         self._idempotent_create = "idempotency_key" in inspect.signature(self._e2b.Sandbox.create).parameters
+
+    def sandbox_timeout(self, spec: SandboxSpec) -> int:
+        """The E2B timeout for ``spec``: its lifetime, capped to what every E2B plan accepts."""
+        return min(int(spec.lifetime_s), self.max_timeout_s)
 
     def _check_resources(self, spec: SandboxSpec) -> None:
         res = spec.resources
@@ -234,7 +263,7 @@ class E2BBackend(SandboxBackend):
         template = spec.image or self.template
         kwargs: dict[str, Any] = {
             "template": template,
-            "timeout": int(spec.lifetime_s),
+            "timeout": self.sandbox_timeout(spec),
             "metadata": dict(spec.labels),
             "envs": dict(spec.env),
             "allow_internet_access": spec.network,

@@ -131,9 +131,11 @@ class CommandRun:
         now = time.monotonic()
         deadline = None if self.timeout_s is None else now + self.timeout_s
         start_deadline = now + options.request_timeout_s
-        next_check = now + min(options.check_interval_s, self.sbx.refresh_every())
+        last_check = now
         while True:
             now = time.monotonic()
+            # Recomputed each time: the granted lifetime may be learned while the command runs.
+            next_check = last_check + min(options.check_interval_s, self.sbx.refresh_every())
             waits = [0.5, next_check - now] + ([deadline - now] if deadline is not None else [])
             try:
                 event = self.events.get(timeout=max(0.0, min(waits)))
@@ -161,7 +163,7 @@ class CommandRun:
                 )
             if now >= next_check:
                 self._check()
-                next_check = time.monotonic() + min(options.check_interval_s, self.sbx.refresh_every())
+                last_check = time.monotonic()
 
     def _deliver(self, event: tuple[Any, ...]) -> int | None:
         kind = event[0]
