@@ -38,12 +38,14 @@ SDK = {"daytona": "daytona", "e2b": "e2b"}
 # The supported SDK range of each provider backend: the oldest and the newest are tested. A cell
 # whose requirement names another project (a deprecated alias) installs our backend without deps.
 SDK_VERSIONS: dict[str, dict[str, str]] = {
-    "daytona": {},
+    # 0.150: first SDK that routes toolbox calls through each sandbox's toolboxProxyUrl (what
+    # Daytona serves today); 0.226.1: newest checked; the deprecated alias `daytona-sdk` alone.
+    "daytona": {"oldest": "daytona==0.150.0", "latest": "daytona==0.226.1", "alias": "daytona-sdk==0.226.1"},
     # 2.7: first SDK with E2B_SANDBOX_URL (pointable at the emulator); 2.63: newest checked.
     "e2b": {"oldest": "e2b==2.7.0", "latest": "e2b==2.63.0"},
 }
 # Extra test dependencies per backend (emulators, fixtures).
-TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": [], "e2b": []}
+TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": []}
 
 # Metaflow releases the integration is tested against: the oldest and newest supported.
 METAFLOW_VERSIONS = ["2.12.39", "2.19.39"]

@@ -8,6 +8,7 @@ inspecting what reached the wire) the backend's own SDK client.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -92,6 +93,13 @@ def test_missing_api_key_says_how_to_get_one(monkeypatch):
         get_backend("daytona")
     assert "DAYTONA_API_KEY" in str(info.value) and "export DAYTONA_API_KEY=" in str(info.value)
     assert "app.daytona.io" in str(info.value)
+
+
+def test_the_deprecated_daytona_sdk_alias_is_used_when_it_is_all_there_is(emulator):
+    backend = daytona(emulator)
+    expected = "daytona" if importlib.util.find_spec("daytona") else "daytona_sdk"
+    assert backend._sdk.__name__ == expected
+    print(f"SDK in use: {expected} {backend.sdk_version}")
 
 
 def test_environment_variables_configure_the_backend(emulator, monkeypatch):
@@ -213,7 +221,9 @@ with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:
 
 
 def test_ctrl_c_of_the_caller_destroys_its_sandbox(emulator):
-    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(OWNER), emulator], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(OWNER), emulator], stdout=subprocess.PIPE, text=True
+    )
     assert owner.stdout is not None and owner.stdout.readline() == "started\n"
     owner.send_signal(signal.SIGINT)
     owner.wait(60)

@@ -32,12 +32,14 @@ from metaflow_extensions.sandbox.core.retry import backoff_delays
 from .errors import call, is_conflict
 
 PID_DIR = "/tmp/.metaflow-sandbox"
-# Kills the recorded process and its descendants (children first); the cmdline check makes sure a
-# recycled pid (or, on an emulator, another pid namespace) never takes down an unrelated process.
+# Kills the recorded process and its descendants: the whole tree is listed first, then killed root
+# first (a parent killed last could still react to its children dying). The cmdline check makes
+# sure a recycled pid (or, on an emulator, another pid namespace) never takes down an unrelated one.
 _KILL = (
-    'kt() {{ for c in $(awk -v p="$1" \'$4 == p {{print $1}}\' /proc/[0-9]*/stat 2>/dev/null); do kt "$c"; done; '
-    'kill -KILL "$1" 2>/dev/null; }}; '
-    'p=$(cat {pidfile} 2>/dev/null) && tr "\\0" " " < /proc/$p/cmdline 2>/dev/null | grep -q {key} && kt "$p"; '
+    'tree() {{ echo "$1"; for c in $(awk -v p="$1" \'$4 == p {{print $1}}\' /proc/[0-9]*/stat 2>/dev/null); '
+    'do tree "$c"; done; }}; '
+    'p=$(cat {pidfile} 2>/dev/null) && tr "\\0" " " < /proc/$p/cmdline 2>/dev/null | grep -q {key} '
+    '&& kill -KILL $(tree "$p") 2>/dev/null; '
     "rm -f {pidfile}"
 )
 _MAX_RECONNECTS = 20
@@ -46,7 +48,7 @@ _MAX_RECONNECTS = 20
 def wrap(command: str, env: Mapping[str, str], workdir: str | None, key: str) -> str:
     """The session command that runs ``command`` the way ``Sandbox.run`` promises."""
     pidfile = f"{PID_DIR}/{key}.pid"
-    lines = [f"mkdir -p {PID_DIR} && echo $$ > {pidfile}"]
+    lines = [f"mkdir -p {PID_DIR} && echo $$ > {pidfile}", f"trap 'rm -f {pidfile}' EXIT"]
     if workdir:
         lines.append(f"cd {shlex.quote(workdir)} || exit 1")
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
