@@ -29,11 +29,6 @@ KEY = "e2b_" + "0" * 40
 NOWHERE = "http://127.0.0.1:9"
 
 
-@pytest.fixture(autouse=True)
-def no_sdk_connection_retries(monkeypatch):
-    monkeypatch.setenv("E2B_CONNECTION_RETRIES", "0")
-
-
 def test_registered_under_e2b():
     assert isinstance(get_backend("e2b", api_key=KEY), E2BBackend)
 
