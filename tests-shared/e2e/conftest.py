@@ -34,9 +34,20 @@ def _local() -> Iterator[dict[str, str]]:
     yield {}
 
 
+@contextlib.contextmanager
+def _e2b() -> Iterator[dict[str, str]]:
+    from sandbox_testing.e2b import E2B_E2E_LIFETIME_S, emulator_env, start_emulator
+
+    with start_emulator("e2b", "--max-lifetime", str(E2B_E2E_LIFETIME_S)) as url:
+        # E2B's 300 s default lifetime scaled down (a step that outlives it proves sandboxes are
+        # kept alive); checks every 2 s, so a stalled stream is reported within seconds.
+        yield {**emulator_env(url), "METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S": "2"}
+
+
 # backend name -> session setup yielding the environment flows need (emulator URLs, keys...).
 BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, str]]]] = {
     "local": _local,
+    "e2b": _e2b,
 }
 
 

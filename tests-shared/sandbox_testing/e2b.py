@@ -18,6 +18,8 @@ import pytest
 from .emulators import emulator_state, start_emulator
 
 EMULATOR_API_KEY = "e2b_" + "0" * 40
+# E2B's default 300 s sandbox lifetime, scaled down for e2e runs (``--max-lifetime`` of the emulator).
+E2B_E2E_LIFETIME_S = 15
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -41,4 +43,12 @@ def e2b_emulator() -> Iterator[str]:
         yield url
 
 
-__all__ = ["EMULATOR_API_KEY", "e2b_emulator", "emulator_env", "emulator_state", "set_faults", "start_emulator"]
+__all__ = [
+    "E2B_E2E_LIFETIME_S",
+    "EMULATOR_API_KEY",
+    "e2b_emulator",
+    "emulator_env",
+    "emulator_state",
+    "set_faults",
+    "start_emulator",
+]
