@@ -9,14 +9,12 @@ inspecting what reached the wire) the backend's own SDK client.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -32,31 +30,20 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 from sandbox_testing.conformance import BackendConformance
-from sandbox_testing.emulators import emulator_state, start_emulator
+from sandbox_testing.daytona import (  # noqa: F401 - daytona_emulator is a fixture
+    EMULATOR_API_KEY,
+    NO_FAULTS,
+    daytona_emulator,
+    emulator_state,
+    set_faults,
+    start_emulator,
+)
 
-KEY = "emulator-key"
-
-
-@pytest.fixture(scope="session")
-def daytona_emulator() -> Iterator[str]:
-    """One emulator per test process (each xdist worker has its own)."""
-    with start_emulator("daytona") as url:
-        yield url
-
-
-def set_faults(url: str, **faults: object) -> None:
-    request = urllib.request.Request(
-        f"{url}/_emulator/faults", data=json.dumps(faults).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10):
-        pass
-
-
-NO_FAULTS = {"latency_ms": 0, "rate_429": 0, "rate_503": 0, "die_next": 0, "drop_next": 0, "match": ""}
+KEY = EMULATOR_API_KEY
 
 
 @pytest.fixture
-def emulator(daytona_emulator: str) -> Iterator[str]:
+def emulator(daytona_emulator: str) -> Iterator[str]:  # noqa: F811 - the imported fixture  # noqa: F811 - the imported fixture
     """The emulator, fault-free, checked to hold no sandbox after the test."""
     set_faults(daytona_emulator, **NO_FAULTS)
     yield daytona_emulator
