@@ -44,10 +44,19 @@ def _e2b() -> Iterator[dict[str, str]]:
         yield {**emulator_env(url), "METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S": "2"}
 
 
+@contextlib.contextmanager
+def _daytona() -> Iterator[dict[str, str]]:
+    from sandbox_testing.daytona import emulator_env, start_emulator
+
+    with start_emulator("daytona") as url:
+        yield {**emulator_env(url), "MFSBX_DAYTONA_EMULATOR": url}
+
+
 # backend name -> session setup yielding the environment flows need (emulator URLs, keys...).
 BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, str]]]] = {
     "local": _local,
     "e2b": _e2b,
+    "daytona": _daytona,
 }
 
 
