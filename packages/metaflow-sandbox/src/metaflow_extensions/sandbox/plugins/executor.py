@@ -45,6 +45,8 @@ from .metadata import sandbox_env
 EXIT_INFRA_RETRYABLE = 1
 EXIT_DISALLOW_RETRY = 202  # metaflow.exception.METAFLOW_EXIT_DISALLOW_RETRY, stable since 2.x
 SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
+MARK = "__MFSBX_T__"  # phase timestamps, printed only when timings are on
+TIMINGS_ENV = "METAFLOW_SANDBOX_TIMINGS"
 MARKER = "mfsbx/marker"
 
 
@@ -79,6 +81,7 @@ class TaskLogs:
         self._decorate = lambda line: decorate(TASK_LOG_SOURCE, line.encode("utf-8", errors="replace"))
         self.lines: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.setup_error: str | None = None
+        self.marks: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
     def sink(self, stream: str) -> Callable[[str], None]:
@@ -87,6 +90,10 @@ class TaskLogs:
         def write(line: str) -> None:
             if stream == "stderr" and line.startswith(SETUP_FAILED):
                 self.setup_error = line[len(SETUP_FAILED) :].strip()
+                return
+            if stream == "stderr" and line.startswith(MARK):
+                _, name, ns = line.split()
+                self.marks.append((name, int(ns)))
                 return
             record = self._decorate(line)
             with self._lock:
@@ -116,15 +123,21 @@ def script(req: TaskRequest) -> str:
     extract = " && ".join(req.extract_commands)
     return "\n".join(
         [
+            f'mark() {{ [ -n "${{{TIMINGS_ENV}:-}}" ] && echo "{MARK} $1 $(date +%s%N)" >&2; true; }}',
+            "mark start",
             f"{staging.unpack_command()} || {fail('unpacking the task inputs failed')}",
+            "mark unpack_inputs",
             f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
             f"|| {fail('unpacking the code package failed')}",
             # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
             f"ln -sfn {shlex.quote(req.location.root)} .metaflow && {exports}touch ../{MARKER}",
-            req.step_command,
+            "mark unpack_code",
+            f"( {req.step_command} )",
             "c=$?",
+            "mark step",
             "cd ..",
             f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2",
+            "mark pack_outputs",
             "exit $c",
         ]
     )
@@ -175,6 +188,8 @@ class SandboxTask:
 
             start = time.monotonic()
             env = {**sandbox_env(sbx.id, req.backend)}
+            if os.environ.get(TIMINGS_ENV):
+                env[TIMINGS_ENV] = "1"
             try:
                 result = sbx.run(
                     script(req),
@@ -191,6 +206,8 @@ class SandboxTask:
                     sandbox_id=sbx.id,
                 ) from e
             self._timed("task", start)
+            for (_, before), (name, after) in zip(self.logs.marks, self.logs.marks[1:], strict=False):
+                self.timings[f"task.{name}"] = (after - before) / 1e9
             if self.logs.setup_error:
                 raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
 
@@ -240,5 +257,5 @@ def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> 
     finally:
         task.destroy()
         save_logs(task.logs.blobs())
-        if os.environ.get("METAFLOW_SANDBOX_TIMINGS"):
+        if os.environ.get(TIMINGS_ENV):
             say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))

@@ -99,7 +99,7 @@ class SandboxDecorator(StepDecorator):
     """
 
     name = "sandbox"
-    defaults: ClassVar[dict[str, Any]] = {
+    defaults = {
         "backend": None,
         "cpu": None,
         "memory": None,

@@ -1,0 +1,98 @@
+"""``@sandbox`` validation: attribute checks naming the fix, @resources merging, dedupe of one
+family, aliases, the hard time limit, and the metadata labels.
+
+Layer: tests of metaflow-sandbox. Imports: pytest, metaflow, plugins.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from metaflow.plugins.timeout_decorator import TimeoutDecorator
+
+from metaflow_extensions.sandbox.plugins.exceptions import SandboxException
+from metaflow_extensions.sandbox.plugins.metadata import selector, task_labels
+from metaflow_extensions.sandbox.plugins.sandbox_decorator import (
+    GRACE_S,
+    DaytonaDecorator,
+    E2BDecorator,
+    SandboxDecorator,
+)
+
+
+def validated(deco, *others):
+    deco.step = "train"
+    deco._validate("train", [deco, *others])
+    return deco.attributes
+
+
+def resources(**attrs):
+    return SimpleNamespace(name="resources", attributes=attrs, statically_defined=True)
+
+
+def test_strings_from_with_are_parsed_and_resources_take_the_maximum():
+    deco = SandboxDecorator(attributes={"cpu": "2", "memory": "1024", "network": "false", "env": '{"K": "v"}'})
+    attrs = validated(deco, resources(cpu="4", memory="512", gpu=None, disk=None))
+    assert (attrs["cpu"], attrs["memory"], attrs["network"], attrs["env"]) == (4.0, 1024, False, {"K": "v"})
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"cpu": "lots"}, "cpu='lots' must be a number"),
+        ({"memory": 1.5}, "memory=1.5 must be an integer"),
+        ({"memory": 0}, "memory=0 must be at least 1"),
+        ({"gpu": -1}, "gpu=-1 must be at least 0"),
+        ({"timeout": "soon"}, "timeout='soon' must be an integer"),
+        ({"network": "maybe"}, "network='maybe' must be True/False"),
+        ({"env": ["K"]}, 'env must be a dict of strings, e.g. env={"KEY": "value"}'),
+        ({"env": {"NOT OK": "v"}}, "env names must be shell identifiers"),
+        ({"image": 3}, "image=3 must be a string"),
+    ],
+)
+def test_bad_attributes_name_the_step_and_the_fix(attrs, message):
+    with pytest.raises(SandboxException, match=r"step \*train\*") as err:
+        validated(SandboxDecorator(attributes=attrs))
+    assert message in str(err.value)
+
+
+def test_an_alias_fixes_its_backend():
+    assert DaytonaDecorator.alias_of == "daytona" and E2BDecorator.alias_of == "e2b"
+    deco = DaytonaDecorator(attributes={"backend": "e2b"})
+    with pytest.raises(SandboxException, match=r"Use @sandbox\(backend='e2b'\)"):
+        deco._resolve_backend("train")
+
+
+def test_an_uninstalled_backend_says_what_to_install(monkeypatch):
+    monkeypatch.delenv("METAFLOW_SANDBOX_ID", raising=False)
+    with pytest.raises(SandboxException, match="nosuch"):
+        SandboxDecorator(attributes={"backend": "nosuch"})._resolve_backend("train")
+
+
+def test_the_default_backend_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_BACKEND", "local")
+    assert SandboxDecorator()._resolve_backend("train") == "local"
+
+
+def test_one_family_per_step_the_static_decorator_wins():
+    static = DaytonaDecorator(statically_defined=True)
+    dynamic = SandboxDecorator(statically_defined=False)
+    decos = [dynamic, static]
+    assert dynamic._dedupe("train", decos) is True and static._dedupe("train", decos) is False
+    with pytest.raises(SandboxException, match="use one sandbox decorator per step"):
+        static._dedupe("train", [static, E2BDecorator(statically_defined=True)])
+
+
+def test_the_hard_limit_follows_timeout_plus_a_grace_period():
+    limit = TimeoutDecorator(attributes={"seconds": 30})
+    limit.secs = 30
+    assert SandboxDecorator().run_time_limit([limit]) == 30 + GRACE_S
+    assert SandboxDecorator(attributes={"timeout": 99}).run_time_limit([limit]) == 99
+
+
+def test_labels_are_portable_and_select_by_flow_run_and_user():
+    labels = task_labels("Flow", "12", "train", "3", attempt=1, user="jo@example.com")
+    assert labels["metaflow-user"] == "jo_example.com" and labels["metaflow-attempt"] == "1"
+    assert selector("Flow", "12").items() <= labels.items()
+    assert selector("Flow", user="jo@example.com").items() <= labels.items()

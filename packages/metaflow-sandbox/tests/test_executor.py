@@ -1,0 +1,100 @@
+"""The executor end to end on the real ``local`` backend, with a stand-in for ``flow.py step``:
+inputs go in, outputs come back merged, output is captured as mflog lines, exit codes map.
+
+Layer: tests of metaflow-sandbox. Imports: pytest, the standard library, metaflow, core, plugins.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from metaflow_extensions.sandbox.core import ConfigurationError, ImageError, SandboxUnavailable
+from metaflow_extensions.sandbox.plugins import executor, staging
+
+
+def code_package(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path / "sandboxes"))
+    root = tmp_path / "ds" / ".metaflow"
+    parent = root / "F" / "1" / "a" / "3"
+    parent.mkdir(parents=True)
+    (parent / "0.attempt.json").write_text("{}")
+    (parent / "0.DONE.lock").write_text("")
+    (parent / "0.data.json").write_text(json.dumps({"objects": {"x": "ab12"}}))
+    (root / "F" / "data" / "ab").mkdir(parents=True)
+    (root / "F" / "data" / "ab" / "ab12").write_text("parent-blob")
+    loc = staging.TaskLocation(root=str(root), flow="F", run_id="1", step="b", task_id="7")
+
+    def make(step_command: str, **overrides) -> executor.TaskRequest:
+        fields = dict(
+            backend="local",
+            backend_options={},
+            step_command=step_command,
+            location=loc,
+            input_paths=["1/a/3"],
+            package=code_package({"flow.py": "print('code')\n"}),
+            extract_commands=["tar xf job.tar"],
+            extract_env={},
+            env={"GREETING": "hi"},
+            labels={"metaflow-flow": "F"},
+            hard_limit_s=120,
+        )
+        fields.update(overrides)
+        return executor.TaskRequest(**fields)
+
+    return make
+
+
+def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_for, capfdbinary):
+    command = (
+        'cat "$P/0.data.json" >/dev/null && cat "$D/ab/ab12" && echo && '
+        'echo "$GREETING from $(cat flow.py | wc -l) file" && echo oops >&2 && '
+        'mkdir -p "$T" "$D/cd" && echo done > "$T/0.DONE.lock" && echo new > "$D/cd/cd34" && exit 3'
+    )
+    loc = request_for("true").location
+    paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir}
+    req = request_for(command, env={"GREETING": "hi", **paths})
+    saved: dict[str, bytes] = {}
+    assert executor.execute(req, saved.update) == 3
+    assert Path(loc.task_dir, "0.DONE.lock").read_text() == "done\n"
+    assert Path(loc.blob_dir, "cd", "cd34").read_text() == "new\n"
+    out = saved["stdout"].decode()
+    assert "parent-blob" in out and "hi from 1 file" in out and out.startswith("[MFLOG|0|")
+    assert "oops" in saved["stderr"].decode()
+    assert b"hi from 1 file" in capfdbinary.readouterr().out, "lines are echoed live"
+    assert not list(Path(os.environ["METAFLOW_SANDBOX_LOCAL_ROOT"]).glob("sbx-*")), "the sandbox was destroyed"
+
+
+def test_a_broken_code_package_is_an_infrastructure_failure(request_for):
+    req = request_for("true", extract_commands=["false"])
+    saved: dict[str, bytes] = {}
+    assert executor.execute(req, saved.update) == executor.EXIT_INFRA_RETRYABLE
+
+
+def test_a_backend_that_cannot_create_sandboxes_disallows_retries(request_for):
+    req = request_for("true", image="python:3.11")  # the local backend has no images
+    assert executor.execute(req, lambda logs: None) == executor.EXIT_DISALLOW_RETRY
+
+
+def test_exit_codes_tell_configuration_from_transient_failures():
+    assert executor.exit_code_for(ConfigurationError("bad")) == executor.EXIT_DISALLOW_RETRY
+    assert executor.exit_code_for(ImageError("no image")) == executor.EXIT_DISALLOW_RETRY
+    assert executor.exit_code_for(SandboxUnavailable("gone")) == executor.EXIT_INFRA_RETRYABLE
+    assert executor.EXIT_DISALLOW_RETRY == __import__("metaflow.exception").exception.METAFLOW_EXIT_DISALLOW_RETRY

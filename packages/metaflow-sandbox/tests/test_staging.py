@@ -1,0 +1,128 @@
+"""Staging in and out of a sandbox, on a hand-made local datastore (no Metaflow run needed).
+
+Layer: tests of metaflow-sandbox. Imports: pytest, the standard library, ``plugins.staging``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from metaflow_extensions.sandbox.plugins import staging
+
+
+def write(path: Path, text: str = "x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def loc(tmp_path: Path) -> staging.TaskLocation:
+    root = tmp_path / ".metaflow"
+    cards = str(root / "mf.cards")
+    return staging.TaskLocation(root=str(root), flow="F", run_id="1", step="b", task_id="7", card_root=cards)
+
+
+def parent_task(root: Path, attempts: dict[int, bool], blobs: list[str]) -> Path:
+    """A parent task ``1/a/3`` with the given attempts (attempt -> has DONE) listing ``blobs``."""
+    task = root / "F" / "1" / "a" / "3"
+    for attempt, done in attempts.items():
+        write(task / f"{attempt}.attempt.json", "{}")
+        write(task / f"{attempt}.data.json", json.dumps({"objects": {f"o{i}": b for i, b in enumerate(blobs)}}))
+        if done:
+            write(task / f"{attempt}.DONE.lock")
+    for blob in blobs:
+        write(root / "F" / "data" / blob[:2] / blob, blob)
+        write(root / "F" / "data" / blob[:2] / f"{blob}_meta", "{}")
+    return task
+
+
+def test_the_latest_done_attempt_is_staged_never_a_later_unfinished_one(loc):
+    root = Path(loc.root)
+    task = parent_task(root, {0: True, 1: True, 2: False}, ["ab12", "cd34", "ab12"])
+    write(root / "F" / "_meta" / "_self.json")
+    assert staging.latest_done_attempt(str(task)) == 1
+    files, blobs = staging.input_files(loc, ["1/a/3"])
+    names = {Path(f).relative_to(root).as_posix() for f in files}
+    assert {"F/1/a/3/1.attempt.json", "F/1/a/3/1.DONE.lock", "F/1/a/3/1.data.json"} <= names
+    assert not any(n.startswith("F/1/a/3/2.") or n.startswith("F/1/a/3/0.") for n in names)
+    assert blobs == {"ab12", "cd34"}
+    assert sum(n.startswith("F/data/ab/ab12") for n in names) == 2  # the blob and its _meta, once
+    assert "F/_meta/_self.json" in names
+
+
+def test_an_input_without_a_completed_attempt_is_an_error(loc):
+    parent_task(Path(loc.root), {0: False}, [])
+    with pytest.raises(staging.StagingError, match="no completed attempt"):
+        staging.input_files(loc, ["1/a/3"])
+
+
+def test_the_inbound_archive_holds_the_package_and_absolute_paths(loc, tmp_path):
+    parent_task(Path(loc.root), {0: True}, ["ab12"])
+    files, _ = staging.input_files(loc, ["1/a/3"])
+    archive = tmp_path / "in.tar"
+    staged = staging.build_inputs(str(archive), b"package-bytes", files)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        assert tar.extractfile(staging.PACKAGE_MEMBER).read() == b"package-bytes"
+    assert names[0] == staging.PACKAGE_MEMBER
+    assert all(n.startswith(f"{staging.ROOT_PREFIX}/") for n in names[1:])
+    assert staged.bytes > 0 and len(staged.files) == len(files)
+
+
+def out_archive(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name.lstrip("/"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink.lstrip("/"))
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+def test_outputs_merge_into_the_datastore_and_known_blobs_are_skipped(loc, tmp_path):
+    task_dir, blob_dir = Path(loc.task_dir), Path(loc.blob_dir)
+    write(blob_dir / "ee" / "ee99", "already here")
+    archive = out_archive(
+        tmp_path / "out.tar",
+        {
+            f"{task_dir}/0.data.json": b"{}",
+            f"{task_dir}/0.DONE.lock": b"",
+            f"{blob_dir}/ff/ff00": b"new blob",
+            f"{blob_dir}/ee/ee99": b"different bytes, same name",
+            f"{loc.card_dir}/cards/c.html": b"<html/>",
+        },
+    )
+    written = staging.merge_outputs(str(archive), loc)
+    assert (task_dir / "0.DONE.lock").exists() and (blob_dir / "ff" / "ff00").read_text() == "new blob"
+    assert (blob_dir / "ee" / "ee99").read_text() == "already here"
+    assert Path(written[-1]).name == "0.DONE.lock", "DONE.lock must be the last file to appear"
+    assert (Path(loc.card_dir) / "cards" / "c.html").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["/etc/evil", "{root}/F/1/other_step/7/0.data.json", "{task}/../../../../escape"],
+    ids=["outside", "another-task", "dotdot"],
+)
+def test_a_path_outside_the_task_outputs_is_refused_and_nothing_is_merged(loc, tmp_path, bad):
+    bad = bad.format(root=loc.root, task=loc.task_dir)
+    archive = out_archive(tmp_path / "out.tar", {f"{loc.task_dir}/0.data.json": b"{}", bad: b"x"})
+    with pytest.raises(staging.StagingError):
+        staging.merge_outputs(str(archive), loc)
+    assert not Path(loc.task_dir).exists() or not any(Path(loc.task_dir).iterdir())
+
+
+def test_links_are_refused(loc, tmp_path):
+    archive = out_archive(tmp_path / "out.tar", {}, symlink=f"{loc.task_dir}/0.data.json")
+    with pytest.raises(staging.StagingError):
+        staging.merge_outputs(str(archive), loc)

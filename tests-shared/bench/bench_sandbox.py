@@ -1,0 +1,206 @@
+"""Benchmark: the same flows run plain and with ``--with sandbox:backend=local``.
+
+Layer: tests-shared/bench (a script; ``nox -s bench`` runs it). Imports: the standard library
+(Metaflow runs in subprocesses).
+
+    python tests-shared/bench/bench_sandbox.py --out docs/benchmarks.md [--repeat 3]
+
+Flows: a 5-step linear flow; a foreach over 64 items with ``--max-workers 16``; a 256 MiB
+artifact produced by a step and read by the next. Each is timed end to end (``flow.py run``
+wall time, median of ``--repeat`` runs), plain and sandboxed. The per-task overhead is
+(sandboxed - plain) / tasks of the linear flow, whose tasks run one at a time; the launcher's
+per-phase timings (``METAFLOW_SANDBOX_TIMINGS``) are reported too. No assertions: numbers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+FLOWS = {
+    "linear_flow.py": """
+from metaflow import FlowSpec, step
+
+class BenchLinear(FlowSpec):
+    @step
+    def start(self):
+        self.x = 1
+        self.next(self.a)
+
+    @step
+    def a(self):
+        self.x += 1
+        self.next(self.b)
+
+    @step
+    def b(self):
+        self.x += 1
+        self.next(self.c)
+
+    @step
+    def c(self):
+        self.x += 1
+        self.next(self.end)
+
+    @step
+    def end(self):
+        assert self.x == 4
+
+if __name__ == "__main__":
+    BenchLinear()
+""",
+    "foreach_flow.py": """
+from metaflow import FlowSpec, step
+
+class BenchForeach(FlowSpec):
+    @step
+    def start(self):
+        self.items = list(range(64))
+        self.next(self.work, foreach="items")
+
+    @step
+    def work(self):
+        self.y = self.input * 2
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.total = sum(i.y for i in inputs)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        assert self.total == 64 * 63
+
+if __name__ == "__main__":
+    BenchForeach()
+""",
+    "big_flow.py": """
+import os
+from metaflow import FlowSpec, step
+
+class BenchBig(FlowSpec):
+    @step
+    def start(self):
+        self.big = os.urandom(256 * 1024 * 1024)
+        self.next(self.read)
+
+    @step
+    def read(self):
+        self.size = len(self.big)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        assert self.size == 256 * 1024 * 1024
+
+if __name__ == "__main__":
+    BenchBig()
+""",
+}
+# flow file -> (label, tasks in the run, extra run options)
+CASES = [
+    ("linear_flow.py", "5-step linear flow", 5, []),
+    ("foreach_flow.py", "foreach x64, --max-workers 16", 67, ["--max-workers", "16"]),
+    ("big_flow.py", "256 MiB artifact (3 steps)", 3, []),
+]
+SANDBOX = ["--with", "sandbox:backend=local"]
+TIMINGS = re.compile(r"sandbox timings: (.*)")
+
+
+def run(workdir: Path, flow: str, extra: list[str], sandboxed: bool) -> tuple[float, list[dict[str, float]]]:
+    cmd = [sys.executable, flow, "--no-pylint", *(SANDBOX if sandboxed else []), "run", *extra]
+    env = {**os.environ, "USERNAME": "bench", "METAFLOW_SANDBOX_TIMINGS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    phases = []
+    for match in TIMINGS.finditer(proc.stdout + proc.stderr):
+        phases.append({k: float(v.rstrip("ms")) for k, v in (p.split("=") for p in match.group(1).split(", "))})
+    return elapsed, phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as Markdown here")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    rows = []
+    phases: dict[str, list[float]] = defaultdict(list)
+    per_task_overheads = []
+    with tempfile.TemporaryDirectory(prefix="mfsbx-bench-") as tmp:
+        workdir = Path(tmp)
+        for name, text in FLOWS.items():
+            (workdir / name).write_text(text)
+        for flow, label, tasks, extra in CASES:
+            plain, sandboxed = [], []
+            for _ in range(args.repeat):
+                plain.append(run(workdir, flow, extra, sandboxed=False)[0])
+                elapsed, task_phases = run(workdir, flow, extra, sandboxed=True)
+                sandboxed.append(elapsed)
+                if flow == "linear_flow.py":
+                    per_task_overheads.append((elapsed - plain[-1]) / tasks * 1000)
+                    for entry in task_phases:
+                        for key, value in entry.items():
+                            phases[key].append(value)
+            p, s = statistics.median(plain), statistics.median(sandboxed)
+            rows.append((label, p, s, s / p))
+            print(f"{label}: plain {p:.2f} s, sandboxed {s:.2f} s, ratio {s / p:.2f}", flush=True)
+
+    overhead = statistics.median(per_task_overheads)
+    print(f"per-task overhead (linear flow, median): {overhead:.0f} ms")
+    if args.out:
+        write_markdown(args.out, rows, overhead, phases, args.repeat)
+
+
+def write_markdown(out: Path, rows, overhead: float, phases: dict[str, list[float]], repeat: int) -> None:
+    import metaflow
+
+    isolation = os.environ.get("METAFLOW_SANDBOX_LOCAL_ISOLATION", "auto")
+    lines = [
+        "# Benchmarks: `@sandbox` on the local backend",
+        "",
+        "Reproduce with `nox -s bench` (or "
+        "`python tests-shared/bench/bench_sandbox.py --out docs/benchmarks.md` in an environment "
+        "with Metaflow and the built wheels of metaflow-sandbox-core and metaflow-sandbox).",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}, Metaflow {metaflow.__version__}, local isolation `{isolation}`, "
+        f"local datastore. Wall time of `python flow.py run`, median of {repeat} runs.",
+        "",
+        "| flow | plain (s) | `--with sandbox:backend=local` (s) | ratio |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | {p:.2f} | {s:.2f} | {s / p:.2f}x |" for label, p, s, _ in rows),
+        "",
+        f"**Per-task overhead** (linear flow, (sandboxed - plain) / 5 tasks, median): **{overhead:.0f} ms**.",
+        "",
+        "Where a sandboxed task's time goes, as the launcher measures it (median per task, linear flow):",
+        "",
+        "| phase | ms |",
+        "|---|---:|",
+        *(f"| {key} | {statistics.median(values):.0f} |" for key, values in phases.items()),
+        "",
+        "`task` is the whole command in the sandbox: unpacking the inputs and the code package, the "
+        "real `flow.py step` (which a plain run also pays) and packing the outputs. Not in these "
+        "phases: the launcher process itself (`flow.py sandbox step`, which imports Metaflow and "
+        "the flow before it can create a sandbox).",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
