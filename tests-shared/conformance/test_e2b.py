@@ -106,6 +106,17 @@ class TestE2BEmulated(BackendConformance):
             assert sbx.run("echo next").stdout == "next\n"
 
 
+def test_a_stalled_upload_is_abandoned_and_retried(e2b_emulator, tmp_path):
+    backend = emulated(e2b_emulator, check_interval_s=1, request_timeout_s=3)
+    name = f"stalled-{uuid.uuid4().hex[:8]}.bin"
+    set_faults(e2b_emulator, stall_upload_next=1, match=name)
+    with backend.create(SandboxSpec()) as sbx:
+        started = time.monotonic()
+        sbx.upload(b"payload", name)
+        assert time.monotonic() - started < 60
+        assert sbx.run(f"cat {name}").stdout == "payload"
+
+
 def test_sandboxes_expire_at_their_timeout_in_the_emulator(e2b_emulator):
     # The control for test_a_command_outlives_the_sandbox_lifetime: the SDK alone loses it.
     import e2b

@@ -20,7 +20,7 @@ Test hooks: ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; f
 ``POST /_emulator/faults`` (a JSON object with the same keys as ``Faults``): latency, a fraction of
 control-plane requests answered 429 or 503, the next N matching commands' sandboxes dying
 mid-command, the next N matching command streams stalling (no events at all, the connection left
-open) while the command runs on.
+open) while the command runs on, the next N matching uploads stalling (body never read).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class Faults:
     die_next: int = 0
     die_after_s: float = 0.5
     stall_next: int = 0
+    stall_upload_next: int = 0
     match: str = ""
 
     def take(self, kind: str, command: str) -> bool:
@@ -102,6 +103,7 @@ class Emulator:
             die_next=args.die_next,
             die_after_s=args.die_after_s,
             stall_next=args.stall_next,
+            stall_upload_next=args.stall_upload_next,
             match=args.fault_match,
         )
         self.root = Path(tempfile.mkdtemp(prefix="e2b-emulator-"))
@@ -488,6 +490,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(data)
 
     def files_post(self, sbx: EmulatedSandbox, query: dict[str, list[str]]) -> None:
+        if self.emu.faults.take("stall_upload", query.get("path", [""])[0]):
+            return self.stalled(sbx)  # never reads the body nor answers
         content_type = self.headers.get("Content-Type", "")
         gzipped = self.headers.get("Content-Encoding", "").lower() == "gzip"
         with tempfile.TemporaryDirectory(prefix="e2b-emu-post-") as tmp:
@@ -554,7 +558,8 @@ def main() -> None:
     parser.add_argument("--die-next", type=int, default=0, help="the next N matching commands' sandboxes die")
     parser.add_argument("--die-after-s", type=float, default=0.5)
     parser.add_argument("--stall-next", type=int, default=0, help="the next N matching command streams stall")
-    parser.add_argument("--fault-match", default="", help="die/stall only commands containing this text")
+    parser.add_argument("--stall-upload-next", type=int, default=0, help="the next N matching uploads stall")
+    parser.add_argument("--fault-match", default="", help="faults hit only commands/paths containing this")
     args = parser.parse_args()
     Handler.emu = Emulator(args)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

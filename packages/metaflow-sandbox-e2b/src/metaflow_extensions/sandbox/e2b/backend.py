@@ -32,11 +32,21 @@ from metaflow_extensions.sandbox.core import (
     SandboxInfo,
     SandboxSpec,
     SandboxUnavailable,
+    TransientError,
 )
 from metaflow_extensions.sandbox.core.retry import with_retries
 
 from .commands import CommandRun
-from .errors import KEY_REMEDY, check_sdk_version, sdk, translate, translate_create, translate_download
+from .errors import (
+    KEY_REMEDY,
+    check_sdk_version,
+    is_transport_error,
+    sdk,
+    translate,
+    translate_create,
+    translate_download,
+)
+from .transfer import Progress, WatchedReader, watched
 
 T = TypeVar("T")
 WORKDIR = "/home/user"
@@ -58,6 +68,13 @@ def _float_env(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigurationError(f"${name} must be a number of seconds; got {raw!r}.") from None
+
+
+def _streams_uploads() -> bool:
+    """Whether this SDK streams a file object on upload (``use_octet_stream``, 2.3x and later)."""
+    from e2b.sandbox_sync.filesystem.filesystem import Filesystem
+
+    return "use_octet_stream" in inspect.signature(Filesystem.write).parameters
 
 
 class E2BResourceWarning(UserWarning):
@@ -115,12 +132,22 @@ class E2BSandbox(Sandbox):
 
         with_retries(refresh, attempts=3, cap_s=2.0)
 
+    def _envd(self, action: Callable[[], T], doing: str) -> T:
+        """Run an SDK call to the sandbox's daemon; a broken connection to a sandbox that is
+        still alive is transient, to a dead one final."""
+        try:
+            return action()
+        except SandboxError:
+            raise
+        except Exception as e:
+            error = translate(e, doing, sandbox_id=self.id, envd=True)
+            if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+                error = TransientError(f"E2B failed while {doing}: {e!r}", sandbox_id=self.id)
+            raise error from e
+
     def running_pids(self) -> set[int]:
-        processes = _call(
-            lambda: self.sdk.commands.list(request_timeout=self.backend_ref.request_timeout_s),
-            "listing processes",
-            sandbox_id=self.id,
-            envd=True,
+        processes = self._envd(
+            lambda: self.sdk.commands.list(request_timeout=self.backend_ref.request_timeout_s), "listing processes"
         )
         return {int(p.pid) for p in processes}
 
@@ -148,11 +175,24 @@ class E2BSandbox(Sandbox):
 
     def _upload(self, src: Path, dst: str) -> None:
         path = self._path(dst)
+        streams = self.backend_ref.streams_uploads
+
+        def send(progress: Progress) -> None:
+            with src.open("rb") as raw:
+                data = WatchedReader(raw, progress) if streams else raw
+                self._envd(lambda: self.sdk.files.write(path, data), f"uploading to {path!r}")
 
         def write() -> None:
-            with src.open("rb") as data:
-                # A file object: SDKs >= 2.36 stream it (octet-stream); older ones read it whole.
-                _call(lambda: self.sdk.files.write(path, data), f"uploading to {path!r}", sandbox_id=self.id, envd=True)
+            if not streams:
+                # Older SDKs read the file whole and send it with per-operation timeouts.
+                return send(Progress())
+            # Newer SDKs stream a file object with no client-side timeout: watch its progress.
+            try:
+                watched(send, idle_s=self.backend_ref.request_timeout_s, what=f"Upload to {path!r}", sandbox_id=self.id)
+            except TransientError as e:
+                if not self.is_alive():
+                    raise SandboxUnavailable(f"Sandbox {self.id} died during an upload.", sandbox_id=self.id) from e
+                raise
 
         with_retries(write)
 
@@ -167,7 +207,10 @@ class E2BSandbox(Sandbox):
             except SandboxError:
                 raise
             except Exception as e:
-                raise translate_download(e, path, self.id) from e
+                error = translate_download(e, path, self.id)
+                if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+                    error = TransientError(f"E2B failed while downloading {path!r}: {e!r}", sandbox_id=self.id)
+                raise error from e
 
         with_retries(read)
 
@@ -238,6 +281,8 @@ class E2BBackend(SandboxBackend):
         }
         # Newer SDKs accept an idempotency key, which makes retrying a create safe.
         self._idempotent_create = "idempotency_key" in inspect.signature(self._e2b.Sandbox.create).parameters
+        # Newer SDKs stream file objects on upload (and then put no client timeout on them).
+        self.streams_uploads = _streams_uploads()
 
     def sandbox_timeout(self, spec: SandboxSpec) -> int:
         """The E2B timeout for ``spec``: its lifetime, capped to what every E2B plan accepts."""
