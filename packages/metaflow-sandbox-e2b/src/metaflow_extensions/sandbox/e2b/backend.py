@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -101,6 +102,7 @@ class E2BSandbox(Sandbox):
         self.timeout_s = backend.sandbox_timeout(spec)
         # How long E2B actually grants (a plan may cap the timeout); learned without delaying create.
         self._window = float(self.timeout_s)
+        self._last_refresh = time.monotonic()
         threading.Thread(target=self._learn_window, name=f"e2b-info-{self.id}", daemon=True).start()
 
     def _learn_window(self) -> None:
@@ -131,6 +133,19 @@ class E2BSandbox(Sandbox):
                 raise translate(e, "extending the sandbox's timeout", sandbox_id=self.id) from e
 
         with_retries(refresh, attempts=3, cap_s=2.0)
+        self._last_refresh = time.monotonic()
+
+    def refresh_if_due(self) -> None:
+        """Before each operation: extend the timeout if a third of it passed since the last time
+        (long transfers or idle gaps between commands must not let the sandbox expire)."""
+        if time.monotonic() - self._last_refresh < self.refresh_every():
+            return
+        try:
+            self.keep_alive()
+        except SandboxUnavailable:
+            raise
+        except SandboxError:
+            pass  # the operation itself will report a real problem
 
     def _envd(self, action: Callable[[], T], doing: str) -> T:
         """Run an SDK call to the sandbox's daemon; a broken connection to a sandbox that is
@@ -171,9 +186,11 @@ class E2BSandbox(Sandbox):
         on_stdout: Callable[[str], None],
         on_stderr: Callable[[str], None],
     ) -> int:
+        self.refresh_if_due()
         return CommandRun(self, command, env=env, timeout_s=timeout_s, on_stdout=on_stdout, on_stderr=on_stderr).run()
 
     def _upload(self, src: Path, dst: str) -> None:
+        self.refresh_if_due()
         path = self._path(dst)
         streams = self.backend_ref.streams_uploads
 
@@ -197,6 +214,7 @@ class E2BSandbox(Sandbox):
         with_retries(write)
 
     def _download(self, src: str, dst: Path) -> None:
+        self.refresh_if_due()
         path = self._path(src)
 
         def read() -> None:
