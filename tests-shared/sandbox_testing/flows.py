@@ -75,8 +75,9 @@ class FlowDir:
         since ``list`` would reap those whose owner died and hide a leak."""
         if self.backend == "local":
             return sorted(p.name for p in self.sandbox_root.glob("sbx-*"))
-        out = self.run(flow, "sandbox", "list").stdout
-        return [line for line in out.splitlines() if ":" in line and "No live sandboxes" not in line]
+        # Metaflow's echo writes to stderr; each sandbox is one "<backend>:<id>  ..." line.
+        proc = self.run(flow, "sandbox", "list")
+        return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(f"{self.backend}:")]
 
 
 def wait_for_line(proc: subprocess.Popen[str], needle: str, lines: list[str], limit_s: float = 300) -> None:
