@@ -62,7 +62,8 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return make
 
 
-def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_for, capfdbinary):
+@pytest.mark.parametrize("inline_code", [False, True], ids=["package-archive", "package-inlined"])
+def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_for, capfdbinary, inline_code):
     command = (
         'cat "$P/0.data.json" >/dev/null && cat "$D/ab/ab12" && echo && '
         'echo "$GREETING from $(cat flow.py | wc -l) file" && echo oops >&2 && '
@@ -70,7 +71,7 @@ def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_
     )
     loc = request_for("true").location
     paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir}
-    req = request_for(command, env={"GREETING": "hi", **paths})
+    req = request_for(command, env={"GREETING": "hi", **paths}, inline_code=inline_code)
     saved: dict[str, bytes] = {}
     assert executor.execute(req, saved.update) == 3
     assert Path(loc.task_dir, "0.DONE.lock").read_text() == "done\n"

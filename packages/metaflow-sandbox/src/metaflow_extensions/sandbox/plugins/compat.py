@@ -58,6 +58,14 @@ def extract_commands(pkg_metadata: str, archive: str) -> tuple[list[str], dict[s
     return list(cmds), env
 
 
+def package_is_tar(pkg_metadata: str) -> bool:
+    """Whether the code package is a (gzipped) tarball whose files can be shipped directly: always
+    up to 2.15; from 2.16 when its ``archive_format`` is ``tgz`` (the default packaging backend)."""
+    if not pkg_metadata:  # 2.12 - 2.15
+        return True
+    return bool(json.loads(pkg_metadata).get("archive_format", "tgz") == "tgz")
+
+
 def is_valid_package_metadata(pkg_metadata: str) -> bool:
     if not pkg_metadata:
         return True

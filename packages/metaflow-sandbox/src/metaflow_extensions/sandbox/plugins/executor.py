@@ -69,6 +69,7 @@ class TaskRequest:
     resources: Resources = field(default_factory=Resources)
     network: bool = True
     extra_inputs: list[str] = field(default_factory=list)
+    inline_code: bool = False  # the package is a tar: ship its files, not the archive (see staging)
 
 
 class TaskLogs:
@@ -121,14 +122,19 @@ def script(req: TaskRequest) -> str:
 
     exports = "".join(f'export {k}="{v}"; ' for k, v in req.extract_env.items())
     extract = " && ".join(req.extract_commands)
+    unpack_code = (
+        "cd code"
+        if req.inline_code
+        else f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
+        f"|| {fail('unpacking the code package failed')}"
+    )
     return "\n".join(
         [
             f'mark() {{ [ -n "${{{TIMINGS_ENV}:-}}" ] && echo "{MARK} $1 $(date +%s%N)" >&2; true; }}',
             "mark start",
-            f"{staging.unpack_command()} || {fail('unpacking the task inputs failed')}",
+            f"{staging.unpack_command(inline_code=req.inline_code)} || {fail('unpacking the task inputs failed')}",
             "mark unpack_inputs",
-            f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
-            f"|| {fail('unpacking the code package failed')}",
+            unpack_code,
             # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
             f"ln -sfn {shlex.quote(req.location.root)} .metaflow && {exports}touch ../{MARKER}",
             "mark unpack_code",
@@ -181,7 +187,7 @@ class SandboxTask:
             start = time.monotonic()
             files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
             inbound = os.path.join(tmp, "in.tar")
-            staging.build_inputs(inbound, req.package, files)
+            staging.build_inputs(inbound, req.package, files, inline_code=req.inline_code)
             sbx.upload(inbound, staging.IN_ARCHIVE)
             os.unlink(inbound)
             self._timed("stage_in", start)

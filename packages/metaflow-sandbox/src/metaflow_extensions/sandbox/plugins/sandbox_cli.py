@@ -175,6 +175,7 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
         resources=Resources(cpu=attrs["cpu"], memory_mb=attrs["memory"], disk_mb=attrs["disk"], gpu=attrs["gpu"]),
         network=attrs["network"],
         extra_inputs=[datatools] if datatools and os.path.isdir(datatools) else [],
+        inline_code=compat.package_is_tar(pkg_metadata),
     )
 
     def save_logs(logs: dict[str, bytes]) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 PACKAGE_MEMBER = "mfsbx/job.tar"
 ROOT_PREFIX = "root"
+CODE_PREFIX = "code"
 """Archive members under ``root/`` are absolute paths (the leading ``/`` dropped)."""
 IN_ARCHIVE = "mfsbx/in.tar"
 OUT_ARCHIVE = "mfsbx/out.tar"
@@ -128,14 +129,28 @@ def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[s
     return files, blobs
 
 
-def build_inputs(archive: str, package: bytes, files: Iterable[str]) -> Staged:
-    """Write the inbound archive: the code package, then each file at ``root/<absolute path>``."""
+def build_inputs(archive: str, package: bytes, files: Iterable[str], *, inline_code: bool = False) -> Staged:
+    """Write the inbound archive: the code package, then each file at ``root/<absolute path>``.
+
+    ``inline_code``: the package is a tar (possibly compressed); its members are copied under
+    ``code/`` so the sandbox unpacks code and data in one pass, without decompressing. Otherwise
+    the package travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
+    """
     staged = Staged()
     with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
-        info = tarfile.TarInfo(PACKAGE_MEMBER)
-        info.size = len(package)
-        info.mode = 0o644
-        tar.addfile(info, io.BytesIO(package))
+        if inline_code:
+            with tarfile.open(fileobj=io.BytesIO(package), mode="r:*") as code:
+                for member in code:
+                    if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
+                        continue
+                    source = code.extractfile(member) if member.isfile() else None
+                    member.name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
+                    tar.addfile(member, source)
+        else:
+            info = tarfile.TarInfo(PACKAGE_MEMBER)
+            info.size = len(package)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(package))
         for path in files:
             # Regular files only: directories are created as needed and keep the sandbox's modes.
             tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
@@ -144,9 +159,15 @@ def build_inputs(archive: str, package: bytes, files: Iterable[str]) -> Staged:
     return staged
 
 
-def unpack_command(archive: str = IN_ARCHIVE) -> str:
+def unpack_command(archive: str = IN_ARCHIVE, *, inline_code: bool = False) -> str:
     """Shell: unpack the inbound archive inside the sandbox. Files that already exist are kept
     (a backend without a private root shares the launcher's datastore; never rewrite it)."""
+    if inline_code:
+        # One pass: root/<path> goes to /<path>, code/<path> to ./code/<path> (as an absolute path).
+        return (
+            f"tar -x -f {archive} -C / --skip-old-files --no-same-owner --warning=no-timestamp "
+            f'--transform "s|^{ROOT_PREFIX}/||;s|^{CODE_PREFIX}/|${{PWD#/}}/{CODE_PREFIX}/|"'
+        )
     return (
         f"tar -x -f {archive} --occurrence=1 {PACKAGE_MEMBER} && "
         f"tar -x -f {archive} -C / --strip-components=1 --skip-old-files --wildcards '{ROOT_PREFIX}/*'"
