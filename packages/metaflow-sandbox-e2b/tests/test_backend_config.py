@@ -115,3 +115,10 @@ def test_sandbox_timeout_is_capped_to_what_every_plan_accepts():
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 3600
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120
     assert get_backend("e2b", api_key=KEY, max_timeout_s=86400).sandbox_timeout(SandboxSpec(lifetime_s=10**6)) == 86400
+
+
+def test_numeric_options_may_be_strings():
+    backend = get_backend("e2b", api_key=KEY, check_interval_s="5", request_timeout_s="20", max_timeout_s="600")
+    assert (backend.check_interval_s, backend.request_timeout_s, backend.max_timeout_s) == (5.0, 20.0, 600)
+    with pytest.raises(ConfigurationError, match="check_interval_s"):
+        get_backend("e2b", api_key=KEY, check_interval_s="often")

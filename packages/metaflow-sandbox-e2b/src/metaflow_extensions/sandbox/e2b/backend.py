@@ -61,6 +61,13 @@ CHECK_INTERVAL_ENV = "METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S"
 TEMPLATE_ENV = "METAFLOW_SANDBOX_E2B_TEMPLATE"
 
 
+def _number(value: object, name: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"The e2b option {name} must be a number of seconds; got {value!r}.") from None
+
+
 def _float_env(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if not raw:
@@ -284,6 +291,10 @@ class E2BBackend(SandboxBackend):
             raise ConfigurationError("The e2b sandbox backend needs an E2B API key; none is set.", remedy=KEY_REMEDY)
         if check_interval_s is None:
             check_interval_s = _float_env(CHECK_INTERVAL_ENV, 30.0)
+        # Options may arrive as strings (e.g. from a decorator's options dict).
+        check_interval_s = _number(check_interval_s, "check_interval_s")
+        request_timeout_s = _number(request_timeout_s, "request_timeout_s")
+        max_timeout_s = int(_number(max_timeout_s, "max_timeout_s"))
         if check_interval_s <= 0 or request_timeout_s <= 0 or max_timeout_s <= 0:
             raise ConfigurationError("check_interval_s, request_timeout_s and max_timeout_s must be positive seconds.")
         self.max_timeout_s = int(max_timeout_s)
