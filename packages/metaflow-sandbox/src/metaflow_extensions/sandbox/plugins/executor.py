@@ -48,6 +48,7 @@ SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
 MARK = "__MFSBX_T__"  # phase timestamps, printed only when timings are on
 TIMINGS_ENV = "METAFLOW_SANDBOX_TIMINGS"
 MARKER = "mfsbx/marker"
+CREATE_GRACE_S = 30  # on interruption, how long a sandbox being created may take to appear
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,31 @@ class TaskRequest:
     network: bool = True
     extra_inputs: list[str] = field(default_factory=list)
     inline_code: bool = False  # the package is a tar: ship its files, not the archive (see staging)
+
+
+class Background:
+    """A call running in a daemon thread; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self._value = call()
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        self._thread.join(timeout_s)
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class TaskLogs:
@@ -156,6 +182,7 @@ class SandboxTask:
         self.req = req
         self.logs = TaskLogs()
         self.sandbox: Sandbox | None = None
+        self.creating: Background | None = None
         self.timings: dict[str, float] = {}
 
     def _timed(self, name: str, start: float) -> None:
@@ -178,57 +205,66 @@ class SandboxTask:
         self._timed("create", start)
         return self.sandbox
 
-    def run(self) -> int:
-        """Stage in, run, stage out. Returns the task's exit code; raises ``SandboxError`` on
-        infrastructure failures (the caller maps them to exit codes)."""
-        req, sbx = self.req, self.sandbox
-        assert sbx is not None
-        with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
-            start = time.monotonic()
-            files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
-            inbound = os.path.join(tmp, "in.tar")
-            staging.build_inputs(inbound, req.package, files, inline_code=req.inline_code)
-            sbx.upload(inbound, staging.IN_ARCHIVE)
-            os.unlink(inbound)
-            self._timed("stage_in", start)
+    def build_inputs(self, tmp: str) -> tuple[str, set[str]]:
+        """The inbound archive (code package and the datastore files the task reads), built
+        locally while the sandbox is being created."""
+        start = time.monotonic()
+        files, known_blobs = staging.input_files(self.req.location, self.req.input_paths, self.req.extra_inputs)
+        inbound = os.path.join(tmp, "in.tar")
+        staging.build_inputs(inbound, self.req.package, files, inline_code=self.req.inline_code)
+        self._timed("build_inputs", start)
+        return inbound, known_blobs
 
-            start = time.monotonic()
-            env = {**sandbox_env(sbx.id, req.backend)}
-            if os.environ.get(TIMINGS_ENV):
-                env[TIMINGS_ENV] = "1"
-            try:
-                result = sbx.run(
-                    script(req),
-                    env=env,
-                    timeout_s=req.hard_limit_s,
-                    on_stdout=self.logs.sink("stdout"),
-                    on_stderr=self.logs.sink("stderr"),
-                )
-            except CommandTimeout as e:
-                raise SandboxError(
-                    f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
-                    "Use @timeout on the step (it fires first, and @catch can handle it) or raise "
-                    "@sandbox(timeout=...).",
-                    sandbox_id=sbx.id,
-                ) from e
-            self._timed("task", start)
-            for (_, before), (name, after) in zip(self.logs.marks, self.logs.marks[1:], strict=False):
-                self.timings[f"task.{name}"] = (after - before) / 1e9
-            if self.logs.setup_error:
-                raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
+    def run(self, sbx: Sandbox, inbound: str, known_blobs: set[str]) -> int:
+        """Upload, run, bring the outputs back. Returns the task's exit code; raises
+        ``SandboxError`` on infrastructure failures (the caller maps them to exit codes)."""
+        req = self.req
+        start = time.monotonic()
+        sbx.upload(inbound, staging.IN_ARCHIVE)
+        self._timed("upload", start)
 
-            start = time.monotonic()
-            outbound = os.path.join(tmp, "out.tar")
-            try:
-                sbx.download(staging.OUT_ARCHIVE, outbound)
-            except SandboxFileNotFound as e:
-                raise SandboxError(f"Sandbox {sbx.id} returned no task outputs.", sandbox_id=sbx.id) from e
-            staging.merge_outputs(outbound, req.location, known_blobs)
-            self._timed("stage_out", start)
+        start = time.monotonic()
+        env = {**sandbox_env(sbx.id, req.backend)}
+        if os.environ.get(TIMINGS_ENV):
+            env[TIMINGS_ENV] = "1"
+        try:
+            result = sbx.run(
+                script(req),
+                env=env,
+                timeout_s=req.hard_limit_s,
+                on_stdout=self.logs.sink("stdout"),
+                on_stderr=self.logs.sink("stderr"),
+            )
+        except CommandTimeout as e:
+            raise SandboxError(
+                f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
+                "Use @timeout on the step (it fires first, and @catch can handle it) or raise "
+                "@sandbox(timeout=...).",
+                sandbox_id=sbx.id,
+            ) from e
+        self._timed("task", start)
+        for (_, before), (name, after) in zip(self.logs.marks, self.logs.marks[1:], strict=False):
+            self.timings[f"task.{name}"] = (after - before) / 1e9
+        if self.logs.setup_error:
+            raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
+
+        start = time.monotonic()
+        outbound = os.path.join(os.path.dirname(inbound), "out.tar")
+        try:
+            sbx.download(staging.OUT_ARCHIVE, outbound)
+        except SandboxFileNotFound as e:
+            raise SandboxError(f"Sandbox {sbx.id} returned no task outputs.", sandbox_id=sbx.id) from e
+        self._timed("download", start)
+        # The sandbox is not needed any more: destroy it while the outputs are merged.
+        destroying = Background(self.destroy)
+        start = time.monotonic()
+        staging.merge_outputs(outbound, req.location, known_blobs)
+        self._timed("merge", start)
+        destroying.result()
         return result.exit_code
 
     def destroy(self) -> None:
-        if self.sandbox is not None:
+        if self.sandbox is not None and not self.sandbox.destroyed:
             start = time.monotonic()
             try:
                 self.sandbox.destroy()
@@ -247,21 +283,36 @@ def exit_code_for(error: BaseException) -> int:
 def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> int:
     """Run ``req`` end to end; always destroy the sandbox and save the captured logs."""
     task = SandboxTask(req)
+    with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
+        try:
+            return _execute(task, tmp)
+        finally:
+            if task.creating is not None:
+                # Interrupted while the sandbox was being created: let it finish, then destroy it.
+                task.creating.wait(CREATE_GRACE_S)
+            task.destroy()
+            save_logs(task.logs.blobs())
+            if os.environ.get(TIMINGS_ENV):
+                say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))
+
+
+def _execute(task: SandboxTask, tmp: str) -> int:
+    # Creating a provider sandbox takes seconds: build the inputs meanwhile.
+    creating = task.creating = Background(task.create)
     try:
-        try:
-            sbx = task.create()
-        except SandboxError as e:
-            say(f"Could not create a {req.backend!r} sandbox: {e}")
-            return exit_code_for(e)
-        say(f"Sandbox {sbx.id} ({req.backend}) is running the task.")
-        try:
-            code = task.run()
-        except (SandboxError, staging.StagingError) as e:
-            say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
-            return exit_code_for(e)
-        return code
-    finally:
-        task.destroy()
-        save_logs(task.logs.blobs())
-        if os.environ.get(TIMINGS_ENV):
-            say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))
+        inbound, known_blobs = task.build_inputs(tmp)
+    except staging.StagingError as e:
+        creating.wait()
+        say(f"Could not stage the task inputs: {e}")
+        return EXIT_INFRA_RETRYABLE
+    try:
+        sbx = creating.result()
+    except SandboxError as e:
+        say(f"Could not create a {task.req.backend!r} sandbox: {e}")
+        return exit_code_for(e)
+    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task.")
+    try:
+        return task.run(sbx, inbound, known_blobs)
+    except (SandboxError, staging.StagingError) as e:
+        say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
+        return exit_code_for(e)
