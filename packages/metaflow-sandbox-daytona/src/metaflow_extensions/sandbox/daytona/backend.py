@@ -147,7 +147,8 @@ class DaytonaSandbox(Sandbox):
             return cmd.result()
         finally:
             if cmd.failure is None:
-                cmd.delete_session()
+                # Off the critical path: the command is over, its session is only bookkeeping.
+                threading.Thread(target=cmd.delete_session, daemon=True).start()
 
     def _upload(self, src: Path, dst: str) -> None:
         # A path (not bytes) makes the SDK stream the file from disk.
@@ -222,10 +223,17 @@ class DaytonaBackend(SandboxBackend):
         self.create_timeout_s = float(create_timeout_s)
         self._client: Any = None
         self._client_lock = threading.Lock()
+        # The SDK's client module takes seconds to import (over a thousand modules, pydantic
+        # models): start now, in the background, so it overlaps the caller's own preparations.
+        # Everything else touching the SDK joins it first (two threads importing the same modules
+        # can trip the import system's deadlock detection).
+        self._prefetch = threading.Thread(target=getattr, args=(self._sdk, "Daytona", None), daemon=True)
+        self._prefetch.start()
 
     @property
     def client(self) -> Any:
         """The SDK's ``Daytona`` client, made on first use (it opens connections)."""
+        self._prefetch.join()
         with self._client_lock:
             if self._client is None:
                 config = self._sdk.DaytonaConfig(
@@ -241,6 +249,7 @@ class DaytonaBackend(SandboxBackend):
 
     def params(self, spec: SandboxSpec, token: str) -> Any:
         """The SDK's create parameters for ``spec`` (see the module docstring for the mapping)."""
+        self._prefetch.join()
         sdk = self._sdk
         common: dict[str, Any] = {
             "env_vars": dict(spec.env),
