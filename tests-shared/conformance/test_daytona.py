@@ -122,6 +122,22 @@ def test_quota_is_final_with_a_remedy():
         assert emulator_state(url)["live"] == 0
 
 
+def test_faults_from_command_line_flags(tmp_path):
+    with start_emulator("daytona", "--latency-ms", "20", "--rate-429", "0.2", "--rate-503", "0.1") as url:
+        with daytona(url).create(SandboxSpec()) as sbx:
+            sbx.upload(b"x" * 1000, "f")
+            assert sbx.run("wc -c < f").stdout == "1000\n"
+        assert emulator_state(url) == {"live": 0, "created": 1, "destroyed": 1}
+
+
+def test_emulated_sandboxes_do_not_see_the_launchers_files(emulator, tmp_path):
+    secret = tmp_path / "launcher-secret.txt"
+    secret.write_text("s3cr3t")
+    with daytona(emulator).create(SandboxSpec()) as sbx:
+        res = sbx.run(f"cat {secret}; ls {tmp_path}")
+    assert res.exit_code != 0 and "s3cr3t" not in res.stdout and "launcher-secret" not in res.stdout
+
+
 # -- spec mapping ----------------------------------------------------------------------------------
 
 
