@@ -128,8 +128,9 @@ def test_sandboxes_expire_at_their_timeout_in_the_emulator(e2b_emulator):
 
 @pytest.fixture(scope="module")
 def short_lived_emulator():
-    # Every sandbox lives at most 3 s past its last refresh, whatever the client asks for.
-    with start_emulator("e2b", "--max-lifetime", "3") as url:
+    # Every sandbox lives at most 3 s past its last refresh, whatever the client asks for; silent
+    # commands get a keepalive event every second (E2B: every 50 s), which the SDK must skip.
+    with start_emulator("e2b", "--max-lifetime", "3", "--keepalive-s", "1") as url:
         yield url
 
 
