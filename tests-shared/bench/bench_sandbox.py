@@ -135,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the results as Markdown here")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="flow files to run (default: all)")
     args = parser.parse_args()
 
     rows = []
@@ -145,6 +146,8 @@ def main() -> None:
         for name, text in FLOWS.items():
             (workdir / name).write_text(text)
         for flow, label, tasks, extra in CASES:
+            if args.only and flow not in args.only:
+                continue
             plain, sandboxed = [], []
             for _ in range(args.repeat):
                 plain.append(run(workdir, flow, extra, sandboxed=False)[0])
@@ -159,7 +162,7 @@ def main() -> None:
             rows.append((label, p, s, s / p))
             print(f"{label}: plain {p:.2f} s, sandboxed {s:.2f} s, ratio {s / p:.2f}", flush=True)
 
-    overhead = statistics.median(per_task_overheads)
+    overhead = statistics.median(per_task_overheads) if per_task_overheads else float("nan")
     print(f"per-task overhead (linear flow, median): {overhead:.0f} ms")
     if args.out:
         write_markdown(args.out, rows, overhead, phases, args.repeat)

@@ -71,7 +71,10 @@ def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_
     )
     loc = request_for("true").location
     paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir}
-    req = request_for(command, env={"GREETING": "hi", **paths}, inline_code=inline_code)
+    code_tar = None
+    if inline_code:
+        code_tar = staging.code_archive(request_for("true").package, f"{loc.root}/../code.tar")
+    req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar)
     saved: dict[str, bytes] = {}
     assert executor.execute(req, saved.update) == 3
     assert Path(loc.task_dir, "0.DONE.lock").read_text() == "done\n"

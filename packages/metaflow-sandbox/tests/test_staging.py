@@ -66,13 +66,39 @@ def test_the_inbound_archive_holds_the_package_and_absolute_paths(loc, tmp_path)
     parent_task(Path(loc.root), {0: True}, ["ab12"])
     files, _ = staging.input_files(loc, ["1/a/3"])
     archive = tmp_path / "in.tar"
-    staged = staging.build_inputs(str(archive), b"package-bytes", files)
+    staged = staging.build_inputs(str(archive), files, package=b"package-bytes")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         assert tar.extractfile(staging.PACKAGE_MEMBER).read() == b"package-bytes"
     assert names[0] == staging.PACKAGE_MEMBER
     assert all(n.startswith(f"{staging.ROOT_PREFIX}/") for n in names[1:])
     assert staged.bytes > 0 and len(staged.files) == len(files)
+
+
+def test_the_code_archive_is_built_once_per_package_and_ships_files_under_code(loc, tmp_path):
+    package = io.BytesIO()
+    with tarfile.open(fileobj=package, mode="w:gz") as tar:
+        for name in ("./flow.py", ".mf_code/metaflow/__init__.py"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return package.getvalue()
+
+    cache = str(tmp_path / "cache")
+    first = staging.cached_code_archive("sha1", load, cache)
+    assert staging.cached_code_archive("sha1", load, cache) == first and len(loads) == 1
+    parent_task(Path(loc.root), {0: True}, ["ab12"])
+    files, _ = staging.input_files(loc, ["1/a/3"])
+    archive = tmp_path / "in.tar"
+    staging.build_inputs(str(archive), files, code_tar=first)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["code/flow.py", "code/.mf_code/metaflow/__init__.py"]
+    assert any(n.startswith("root/") and n.endswith("ab12") for n in names)
 
 
 def out_archive(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:

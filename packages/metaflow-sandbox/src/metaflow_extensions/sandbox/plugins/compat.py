@@ -64,12 +64,3 @@ def package_is_tar(pkg_metadata: str) -> bool:
     if not pkg_metadata:  # 2.12 - 2.15
         return True
     return bool(json.loads(pkg_metadata).get("archive_format", "tgz") == "tgz")
-
-
-def is_valid_package_metadata(pkg_metadata: str) -> bool:
-    if not pkg_metadata:
-        return True
-    try:
-        return isinstance(json.loads(pkg_metadata), dict)
-    except ValueError:
-        return False

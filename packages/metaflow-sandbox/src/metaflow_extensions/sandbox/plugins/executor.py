@@ -60,7 +60,7 @@ class TaskRequest:
     step_command: str  # the real ``python flow.py ... step ...``, run from the unpacked code
     location: staging.TaskLocation
     input_paths: list[str]
-    package: bytes
+    package: bytes  # the code package as Metaflow made it (used when code_tar is None)
     extract_commands: list[str]
     extract_env: Mapping[str, str]
     env: Mapping[str, str]
@@ -70,7 +70,7 @@ class TaskRequest:
     resources: Resources = field(default_factory=Resources)
     network: bool = True
     extra_inputs: list[str] = field(default_factory=list)
-    inline_code: bool = False  # the package is a tar: ship its files, not the archive (see staging)
+    code_tar: str | None = None  # the package's files as a plain tar (staging.code_archive), if it is a tarball
 
 
 class Background:
@@ -148,9 +148,10 @@ def script(req: TaskRequest) -> str:
 
     exports = "".join(f'export {k}="{v}"; ' for k, v in req.extract_env.items())
     extract = " && ".join(req.extract_commands)
+    inline = req.code_tar is not None
     unpack_code = (
         "cd code"
-        if req.inline_code
+        if inline
         else f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
         f"|| {fail('unpacking the code package failed')}"
     )
@@ -158,7 +159,7 @@ def script(req: TaskRequest) -> str:
         [
             f'mark() {{ [ -n "${{{TIMINGS_ENV}:-}}" ] && echo "{MARK} $1 $(date +%s%N)" >&2; true; }}',
             "mark start",
-            f"{staging.unpack_command(inline_code=req.inline_code)} || {fail('unpacking the task inputs failed')}",
+            f"{staging.unpack_command(inline_code=inline)} || {fail('unpacking the task inputs failed')}",
             "mark unpack_inputs",
             unpack_code,
             # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
@@ -211,7 +212,7 @@ class SandboxTask:
         start = time.monotonic()
         files, known_blobs = staging.input_files(self.req.location, self.req.input_paths, self.req.extra_inputs)
         inbound = os.path.join(tmp, "in.tar")
-        staging.build_inputs(inbound, self.req.package, files, inline_code=self.req.inline_code)
+        staging.build_inputs(inbound, files, package=self.req.package, code_tar=self.req.code_tar)
         self._timed("build_inputs", start)
         return inbound, known_blobs
 
@@ -280,9 +281,22 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_INFRA_RETRYABLE
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), for the launcher's own start-up timing."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> int:
     """Run ``req`` end to end; always destroy the sandbox and save the captured logs."""
     task = SandboxTask(req)
+    age = process_age_s()
+    if age is not None:
+        task.timings["launcher_start"] = age
     with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
         try:
             return _execute(task, tmp)

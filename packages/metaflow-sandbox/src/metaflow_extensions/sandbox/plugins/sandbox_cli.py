@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -154,8 +155,16 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
         root=root, flow=ctx.obj.flow.name, run_id=run_id, step=step_name, task_id=task_id, card_root=card_root
     )
     datatools = _include_file_dir(location.flow)
-    package = b"".join(blob for _key, blob in flow_datastore.load_data([code_package_sha]))
+
+    def load_package() -> bytes:
+        return b"".join(blob for _key, blob in flow_datastore.load_data([code_package_sha]))
+
     extract, extract_env = compat.extract_commands(pkg_metadata, "job.tar")
+    code_tar = None
+    if compat.package_is_tar(pkg_metadata):
+        # Unpacked once per package on this machine, shared by the run's tasks.
+        cache = os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-code-{os.getuid()}")
+        code_tar = staging.cached_code_archive(code_package_sha, load_package, cache)
     attrs = deco.attributes
     req = TaskRequest(
         backend=attrs["backend"],
@@ -163,7 +172,7 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
         step_command=step_command,
         location=location,
         input_paths=input_paths,
-        package=package,
+        package=b"" if code_tar else load_package(),
         extract_commands=extract,
         extract_env=extract_env,
         env=env,
@@ -175,7 +184,7 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
         resources=Resources(cpu=attrs["cpu"], memory_mb=attrs["memory"], disk_mb=attrs["disk"], gpu=attrs["gpu"]),
         network=attrs["network"],
         extra_inputs=[datatools] if datatools and os.path.isdir(datatools) else [],
-        inline_code=compat.package_is_tar(pkg_metadata),
+        code_tar=code_tar,
     )
 
     def save_logs(logs: dict[str, bytes]) -> None:

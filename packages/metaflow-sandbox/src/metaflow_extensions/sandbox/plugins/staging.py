@@ -16,14 +16,17 @@ the renames leaves nothing behind, and no reader ever sees a task marked done wi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import shlex
+import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,24 +132,57 @@ def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[s
     return files, blobs
 
 
-def build_inputs(archive: str, package: bytes, files: Iterable[str], *, inline_code: bool = False) -> Staged:
-    """Write the inbound archive: the code package, then each file at ``root/<absolute path>``.
+def code_archive(package: bytes, path: str) -> str:
+    """Write the code package's files under ``code/`` as a plain tar at ``path`` (atomically) and
+    return ``path``. Built once per package and reused by every task: the sandbox then unpacks
+    code and data in one pass, without decompressing."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".code-", suffix=".tar", dir=os.path.dirname(path))
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar,
+            tarfile.open(fileobj=io.BytesIO(package), mode="r:*") as code,
+        ):
+            for member in code:
+                if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
+                    continue
+                source = code.extractfile(member) if member.isfile() else None
+                member.name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
+                tar.addfile(member, source)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
-    ``inline_code``: the package is a tar (possibly compressed); its members are copied under
-    ``code/`` so the sandbox unpacks code and data in one pass, without decompressing. Otherwise
-    the package travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
+
+def cached_code_archive(package_sha: str, load: Callable[[], bytes], cache_dir: str, max_age_s: float = 86400) -> str:
+    """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use.
+    Entries unused for ``max_age_s`` are removed when a new one is built."""
+    path = os.path.join(cache_dir, f"{package_sha}.tar")
+    if os.path.exists(path):
+        os.utime(path)  # recently used: keep it
+        return path
+    now = time.time()
+    for old in Path(cache_dir).glob("*.tar") if os.path.isdir(cache_dir) else []:
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > max_age_s:
+                old.unlink()
+    return code_archive(load(), path)
+
+
+def build_inputs(archive: str, files: Iterable[str], *, package: bytes = b"", code_tar: str | None = None) -> Staged:
+    """Write the inbound archive: the code, then each file at ``root/<absolute path>``.
+
+    ``code_tar`` (from ``code_archive``) is the code as files under ``code/``; without it the
+    ``package`` travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
     """
     staged = Staged()
-    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
-        if inline_code:
-            with tarfile.open(fileobj=io.BytesIO(package), mode="r:*") as code:
-                for member in code:
-                    if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
-                        continue
-                    source = code.extractfile(member) if member.isfile() else None
-                    member.name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
-                    tar.addfile(member, source)
-        else:
+    if code_tar:
+        shutil.copyfile(code_tar, archive)
+    with tarfile.open(archive, "a" if code_tar else "w", format=tarfile.GNU_FORMAT) as tar:
+        if not code_tar:
             info = tarfile.TarInfo(PACKAGE_MEMBER)
             info.size = len(package)
             info.mode = 0o644
