@@ -1,0 +1,259 @@
+"""The Daytona emulator's state: sandboxes (each a core ``local`` sandbox), sessions, commands
+with their marker-framed output, and the injectable faults.
+
+Layer: tests-shared (emulators). Imports: the standard library, ``aiohttp`` and
+``metaflow_extensions.sandbox.core`` (the local backend runs every emulated sandbox).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from metaflow_extensions.sandbox.core import SandboxError, get_backend
+from metaflow_extensions.sandbox.core.local.processes import kill_tree
+
+STDOUT, STDERR = b"\x01\x01\x01", b"\x02\x02\x02"
+CMD_ENV = "DAYTONA_SESSION_COMMAND_ID"  # lets the emulator find a command's processes to kill
+DEFAULT_SNAPSHOT = "daytonaio/sandbox:0.4.3"
+
+
+@dataclasses.dataclass
+class Faults:
+    latency_ms: float = 0.0
+    rate_429: float = 0.0
+    rate_503: float = 0.0
+    die_next: int = 0
+    die_after_s: float = 0.5
+    drop_next: int = 0
+    match: str = ""
+
+    def take(self, kind: str, command: str) -> bool:
+        """Consume one ``die``/``drop`` fault if one is pending for ``command``."""
+        with _FAULT_LOCK:
+            left = getattr(self, f"{kind}_next")
+            if left > 0 and self.match in command:
+                setattr(self, f"{kind}_next", left - 1)
+                return True
+        return False
+
+
+_FAULT_LOCK = threading.Lock()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def error(status: int, message: str, code: str = "", source: str = "DAYTONA_API") -> web.Response:
+    body = {"statusCode": status, "message": message, "error": HTTPStatus(status).phrase, "code": code or None}
+    body.update(source=source, timestamp=iso(time.time()), path="")
+    return web.json_response(body, status=status)
+
+
+class Command:
+    """One session command: its output as marker-framed chunks, and followers waiting for more."""
+
+    def __init__(self, cmd_id: str, command: str, loop: asyncio.AbstractEventLoop):
+        self.id, self.command, self.loop = cmd_id, command, loop
+        self.chunks: list[bytes] = []
+        self.exit_code: int | None = None
+        self.finished = False  # no more output will come
+        self.close_code = 1000  # how followers' WebSockets end
+        self.drop = False  # the next follower's connection is cut mid-way
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def feed(self, marker: bytes, text: str) -> None:
+        """Called from the command's thread."""
+        if text:
+            data = marker + text.encode()
+            self.loop.call_soon_threadsafe(lambda: (self.chunks.append(data), self._wake()))
+
+    def finish(self, exit_code: int, close_code: int = 1000) -> None:
+        def done() -> None:
+            if not self.finished:
+                self.exit_code, self.close_code, self.finished = exit_code, close_code, True
+            self._wake()
+
+        self.loop.call_soon_threadsafe(done)
+
+    async def changed(self) -> None:
+        waiter = self.loop.create_future()
+        self._waiters.add(waiter)
+        await waiter
+
+    def json(self) -> dict[str, Any]:
+        return {"id": self.id, "command": self.command, "exitCode": self.exit_code}
+
+
+class EmulatedSandbox:
+    def __init__(self, sandbox_id: str, body: dict[str, Any], image: str | None, local: Any, base: str):
+        self.id = sandbox_id
+        self.body = body
+        self.image = image
+        self.local = local
+        self.state = "started"
+        self.error_reason: str | None = None
+        self.labels: dict[str, str] = dict(body.get("labels") or {})
+        self.sessions: dict[str, dict[str, Command]] = {}
+        self.created_at = self.updated_at = self.last_activity = time.time()
+        self.auto_stop = body.get("autoStopInterval", 15)
+        self.auto_delete = body.get("autoDeleteInterval", -1)
+        self.toolbox_url = f"{base}/toolbox"
+        self.lock = threading.Lock()
+
+    def json(self) -> dict[str, Any]:
+        body = self.body
+        return {
+            "id": self.id,
+            "organizationId": "emulated-org",
+            "name": body.get("name") or self.id,
+            "snapshot": body.get("snapshot") or (None if self.image else DEFAULT_SNAPSHOT),
+            "user": body.get("user") or "daytona",
+            "env": body.get("env") or {},
+            "labels": self.labels,
+            "public": bool(body.get("public", False)),
+            "networkBlockAll": bool(body.get("networkBlockAll", False)),
+            "kvm": False,
+            "target": body.get("target") or "us",
+            "cpu": int(body.get("cpu") or 1),
+            "gpu": int(body.get("gpu") or 0),
+            "memory": int(body.get("memory") or 1),
+            "disk": int(body.get("disk") or 3),
+            "state": self.state,
+            "desiredState": "started" if self.state == "started" else "destroyed",
+            "errorReason": self.error_reason,
+            "autoStopInterval": self.auto_stop,
+            "autoArchiveInterval": body.get("autoArchiveInterval", 10080),
+            "autoDeleteInterval": self.auto_delete,
+            "volumes": [],
+            "createdAt": iso(self.created_at),
+            "updatedAt": iso(self.updated_at),
+            "lastActivityAt": iso(self.last_activity),
+            "sandboxClass": "small",
+            "daemonVersion": "0.4.3",
+            "runnerId": "emulated-runner",
+            "toolboxProxyUrl": self.toolbox_url,
+        }
+
+    def commands(self) -> list[Command]:
+        with self.lock:
+            return [cmd for session in self.sessions.values() for cmd in session.values()]
+
+
+class Emulator:
+    def __init__(self, args: argparse.Namespace):
+        self.faults = Faults(
+            latency_ms=args.latency_ms,
+            rate_429=args.rate_429,
+            rate_503=args.rate_503,
+            die_next=args.die_next,
+            die_after_s=args.die_after_s,
+            drop_next=args.drop_logs_next,
+            match=args.fault_match,
+        )
+        self.max_live = args.max_live
+        self.base = f"http://127.0.0.1:{args.port}"
+        self.root = Path(tempfile.mkdtemp(prefix="daytona-emulator-"))
+        self.local = get_backend("local", isolation=args.isolation, root=self.root)
+        self.sandboxes: dict[str, EmulatedSandbox] = {}
+        self.lock = threading.Lock()
+        self.created = self.destroyed = 0
+
+    def state(self) -> dict[str, int]:
+        with self.lock:
+            return {"live": len(self.sandboxes), "created": self.created, "destroyed": self.destroyed}
+
+    def find(self, id_or_name: str) -> EmulatedSandbox | None:
+        with self.lock:
+            found = self.sandboxes.get(id_or_name)
+            return found or next((s for s in self.sandboxes.values() if s.body.get("name") == id_or_name), None)
+
+    def remove(self, sandbox_id: str) -> bool:
+        with self.lock:
+            sbx = self.sandboxes.pop(sandbox_id, None)
+            if sbx is not None:
+                self.destroyed += 1
+        if sbx is None:
+            return False
+        sbx.state = "destroyed"
+        for cmd in sbx.commands():
+            cmd.finish(-1, close_code=1011)
+        with contextlib.suppress(SandboxError):
+            sbx.local.destroy()
+        return True
+
+    def die(self, sbx: EmulatedSandbox) -> None:
+        """The emulated runner crashes: processes gone, state ``error``, commands end with -1."""
+        sbx.state, sbx.error_reason = "error", "The sandbox's runner stopped unexpectedly (emulated fault)"
+        for cmd in sbx.commands():
+            cmd.finish(-1, close_code=1011)
+        with contextlib.suppress(SandboxError):
+            sbx.local.destroy()
+
+
+def emulator(request: web.Request) -> Emulator:
+    return request.app["emu"]  # type: ignore[no-any-return]
+
+
+def running_sandbox(request: web.Request) -> EmulatedSandbox | web.Response:
+    """The sandbox a toolbox request is for, if it is running (the proxy refuses otherwise)."""
+    sbx = emulator(request).find(request.match_info["id"])
+    if sbx is None:
+        return error(404, f"Sandbox {request.match_info['id']} not found", code="NOT_FOUND", source="DAYTONA_PROXY")
+    if sbx.state != "started":
+        return error(400, f"Sandbox {sbx.id} is not running (state: {sbx.state})", source="DAYTONA_PROXY")
+    sbx.last_activity = time.time()
+    return sbx
+
+
+def kill_command(cmd: Command) -> None:
+    """Kill the processes of one running command (found by the variable the emulator gave it)."""
+    marker = f"{CMD_ENV}={cmd.id}".encode()
+    me = os.getpid()
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == me and marker in (entry / "environ").read_bytes().split(b"\0"):
+                kill_tree(int(entry.name))
+
+
+def run_command(emu: Emulator, sbx: EmulatedSandbox, cmd: Command, cwd: str | None = None) -> None:
+    """Run one command in the sandbox (in a thread), feeding its framed output to ``cmd``."""
+    if emu.faults.take("die", cmd.command):
+        threading.Timer(emu.faults.die_after_s, emu.die, [sbx]).start()
+    cmd.drop = emu.faults.take("drop", cmd.command)
+    command = cmd.command if cwd is None else f"cd {json.dumps(cwd)} && {cmd.command}"
+    try:
+        # The primitive, not the public ``run``: that one re-splits output into lines, and the
+        # daemon forwards raw chunks.
+        code = sbx.local._run(
+            command,
+            env={**sbx.local.spec.env, CMD_ENV: cmd.id},
+            timeout_s=None,
+            on_stdout=lambda text: cmd.feed(STDOUT, text),
+            on_stderr=lambda text: cmd.feed(STDERR, text),
+        )
+    except SandboxError:
+        cmd.finish(-1, close_code=1011)
+    else:
+        cmd.finish(-1 if sbx.state != "started" else code, close_code=1000 if sbx.state == "started" else 1011)
