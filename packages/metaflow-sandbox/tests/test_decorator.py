@@ -96,3 +96,22 @@ def test_labels_are_portable_and_select_by_flow_run_and_user():
     assert labels["metaflow-user"] == "jo_example.com" and labels["metaflow-attempt"] == "1"
     assert selector("Flow", "12").items() <= labels.items()
     assert selector("Flow", user="jo@example.com").items() <= labels.items()
+
+
+def cli_args(commands):
+    return SimpleNamespace(commands=list(commands), command_args=["train"], entrypoint=["python3", "flow.py"])
+
+
+def test_the_runtime_reroutes_user_code_attempts_to_the_launcher_only():
+    deco = SandboxDecorator()
+    deco.inert = False
+    SandboxDecorator.package_sha, SandboxDecorator.package_metadata = "abc", ""
+    args = cli_args(["step"])
+    deco.runtime_step_cli(args, retry_count=0, max_user_code_retries=1, ubf_context=None)
+    assert args.commands == ["sandbox", "step"] and args.command_args == ["train", "abc", "-"]
+    fallback = cli_args(["step"])  # the @catch fallback attempt runs locally
+    deco.runtime_step_cli(fallback, retry_count=2, max_user_code_retries=1, ubf_context=None)
+    assert fallback.commands == ["step"]
+    spin = cli_args(["spin-step"])
+    deco.runtime_step_cli(spin, retry_count=0, max_user_code_retries=0, ubf_context=None)
+    assert spin.commands == ["spin-step"]

@@ -256,6 +256,9 @@ class SandboxDecorator(StepDecorator):
         if self.inert or retry_count > max_user_code_retries:
             # The @catch fallback attempt runs locally, as with @batch.
             return
+        if list(cli_args.commands) != ["step"]:
+            # e.g. `spin` (2.19+) runs `spin-step` locally by design; leave other commands alone.
+            return
         cli_args.commands = ["sandbox", "step"]
         cli_args.command_args.append(SandboxDecorator.package_sha)
         cli_args.command_args.append(SandboxDecorator.package_metadata or "-")
