@@ -225,7 +225,7 @@ with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:
 
 def test_ctrl_c_of_the_caller_destroys_its_sandbox(emulator):
     owner = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(OWNER), emulator], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-u", "-c", textwrap.dedent(OWNER), emulator], stdout=subprocess.PIPE, text=True
     )
     assert owner.stdout is not None and owner.stdout.readline() == "started\n"
     owner.send_signal(signal.SIGINT)
