@@ -178,7 +178,9 @@ class EmulatedSandbox:
             except BaseException as e:  # keep the emulator serving; the client sees an internal error
                 proc.publish((END, -1, f"emulator error: {e}"))
             else:
-                proc.publish((END, code, f"exit status {code}"))
+                # Killed because the sandbox died (``alive`` drops before its processes are killed):
+                # the stream breaks, it does not end with an exit code.
+                proc.publish((END, code, f"exit status {code}") if self.alive else (DEAD,))
             finally:
                 self.processes.pop(pid, None)
 
