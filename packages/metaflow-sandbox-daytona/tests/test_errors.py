@@ -103,3 +103,14 @@ def test_call_retries_transient_failures_only():
     with pytest.raises(SandboxError):
         call("list", final)
     assert len(attempts) == 1
+
+
+def test_a_rate_limit_message_is_not_a_quota():
+    err = translate(DaytonaError("Rate limit exceeded, retry later", status_code=429), "create")
+    assert isinstance(err, TransientError)
+
+
+def test_a_create_timeout_is_final_with_a_remedy():
+    err = translate(SDK.DaytonaTimeoutError("Sandbox creation timed out after 60 seconds"), "create")
+    assert not err.transient and "create_timeout_s" in str(err)
+    assert isinstance(translate(SDK.DaytonaTimeoutError("timed out"), "list"), TransientError)

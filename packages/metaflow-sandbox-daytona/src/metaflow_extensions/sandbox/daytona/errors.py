@@ -113,6 +113,16 @@ def translate(error: BaseException, what: str, *, sandbox_id: str | None = None)
             f"{message} (the API key was rejected)",
             remedy=f"Check DAYTONA_API_KEY; create a key at {KEYS_URL} and export DAYTONA_API_KEY=<key>.",
         )
+    if "DaytonaTimeoutError" in _class_names(error) and what == "create":
+        return SandboxError(
+            message,
+            remedy="Creating (for an image: building) the sandbox took longer than create_timeout_s; raise "
+            "it, or start from a snapshot.",
+            sandbox_id=sandbox_id,
+        )
+    # Before the quota check: "rate limit exceeded" is a 429 to wait out, not a quota.
+    if status in (408, 429) or (status is not None and status >= 500) or (status is None and is_transport(error)):
+        return TransientError(message, sandbox_id=sandbox_id)
     if "quota" in text or "limit exceeded" in text or "limit reached" in text:
         return QuotaExceeded(
             message,
@@ -125,8 +135,6 @@ def translate(error: BaseException, what: str, *, sandbox_id: str | None = None)
             f"{message} (forbidden)",
             remedy=f"The API key lacks a permission this needs; create one with sandbox access at {KEYS_URL}.",
         )
-    if status in (408, 429) or (status is not None and status >= 500) or (status is None and is_transport(error)):
-        return TransientError(message, sandbox_id=sandbox_id)
     if what == "create" and (
         status in (400, 404, 422) or any(word in text for word in ("snapshot", "image", "build", "pull"))
     ):
