@@ -9,12 +9,14 @@ inspecting what reached the wire) the backend's own SDK client.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -156,6 +158,25 @@ def test_spec_maps_onto_daytona_parameters(emulator):
         assert seen.network_block_all is True
         assert (seen.auto_stop_interval, seen.auto_delete_interval) == (90, 0)
         assert seen.labels["flow"] == "F" and seen.labels["created-by"] == "metaflow-sandbox"
+
+
+def test_a_live_handle_keeps_its_sandbox_from_auto_stopping(emulator):
+    # Processes inside do not count as activity on Daytona: the handle refreshes it (every 5 s
+    # for a 15 s lifetime) even while nothing talks to the sandbox.
+    def last_activity(sandbox_id: str) -> str:
+        request = urllib.request.Request(
+            f"{emulator}/api/sandbox/{sandbox_id}", headers={"Authorization": f"Bearer {EMULATOR_API_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return str(json.load(answer)["lastActivityAt"])
+
+    with daytona(emulator).create(SandboxSpec(lifetime_s=15)) as sbx:
+        first = last_activity(sbx.id)
+        for _ in range(300):
+            time.sleep(0.1)
+            if last_activity(sbx.id) != first:
+                break
+        assert last_activity(sbx.id) != first
 
 
 def test_list_reports_only_sandboxes_this_package_created(emulator):
