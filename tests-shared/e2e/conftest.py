@@ -46,10 +46,12 @@ def _e2b() -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def _daytona() -> Iterator[dict[str, str]]:
-    from sandbox_testing.daytona import emulator_env, start_emulator
+    from sandbox_testing.daytona import emulator_env, emulator_state, start_emulator
 
     with start_emulator("daytona") as url:
         yield {**emulator_env(url), "MFSBX_DAYTONA_EMULATOR": url}
+        state = emulator_state(url)
+        assert state["live"] == 0, f"the e2e flows left Daytona sandboxes behind: {state}"
 
 
 # backend name -> session setup yielding the environment flows need (emulator URLs, keys...).
