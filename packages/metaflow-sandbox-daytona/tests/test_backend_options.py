@@ -6,6 +6,8 @@ Layer: tests of metaflow-sandbox-daytona. Imports: pytest, core, the backend.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from metaflow_extensions.sandbox.core import (
@@ -82,3 +84,12 @@ def test_snapshot_option_and_resources_warning(monkeypatch):
     assert backend.params(SandboxSpec(), "t").snapshot == "my-snap"
     with pytest.warns(UserWarning, match="snapshot"):
         backend.params(SandboxSpec(resources=Resources(cpu=4)), "t")
+
+
+def test_missing_sdk_names_the_install_command(monkeypatch):
+    # As if neither `daytona` nor its alias `daytona-sdk` were installed.
+    monkeypatch.setitem(sys.modules, "daytona", None)
+    monkeypatch.setitem(sys.modules, "daytona_sdk", None)
+    monkeypatch.setenv("DAYTONA_API_KEY", "k")
+    with pytest.raises(ConfigurationError, match="pip install metaflow-sandbox-daytona"):
+        get_backend("daytona")
