@@ -181,6 +181,16 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
 
 
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: flows plain vs sandboxed (writes docs/benchmarks.md), and each backend's fixed cost."""
+    backends = [b for b in BACKENDS if b != "local"]
+    shorts = dict.fromkeys(["core", "plugins", *(p for b in backends for p in BACKEND_PACKAGES[b])])
+    session.install("metaflow", *TEST_DEPS.get("daytona", []), *wheels(session, *shorts))
+    session.run("python", "tests-shared/bench/bench_sandbox.py", "--out", "docs/benchmarks.md", *session.posargs)
+    session.run("python", "tests-shared/bench/bench_backend_overhead.py")
+
+
 @nox.session(python=False, tags=["network"])
 def matrix_fresh(session: nox.Session) -> None:
     """Fail when PyPI has a Metaflow minor line newer than METAFLOW_VERSIONS covers (needs PyPI)."""
