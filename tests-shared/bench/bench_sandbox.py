@@ -195,10 +195,11 @@ def write_markdown(out: Path, rows, overhead: float, phases: dict[str, list[floa
         "|---|---:|",
         *(f"| {key} | {statistics.median(values):.0f} |" for key, values in phases.items()),
         "",
-        "`task` is the whole command in the sandbox: unpacking the inputs and the code package, the "
-        "real `flow.py step` (which a plain run also pays) and packing the outputs. Not in these "
-        "phases: the launcher process itself (`flow.py sandbox step`, which imports Metaflow and "
-        "the flow before it can create a sandbox).",
+        "`launcher_start` is the launcher process (`flow.py sandbox step`) from its start until it "
+        "creates the sandbox: importing Metaflow and the flow, as any `flow.py` command does. `task` "
+        "is the whole command in the sandbox: unpacking the inputs and the code, the real "
+        "`flow.py step` (which a plain run also pays) and packing the outputs. The sandbox is "
+        "destroyed while the outputs are merged.",
         "",
     ]
     out.write_text("\n".join(lines))
