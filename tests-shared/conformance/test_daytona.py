@@ -212,6 +212,16 @@ def test_dropped_log_streams_lose_and_repeat_nothing(emulator):
     assert res.stderr == "".join(f"err{i}\n" for i in range(1, 41))
 
 
+def test_a_stalled_log_stream_does_not_hang_the_caller(emulator):
+    # The stream stays open and silent; the periodic check sees the command end and catches up.
+    backend = daytona(emulator, check_interval_s=1)
+    set_faults(emulator, stall_next=1, match="stall-me")
+    with backend.create(SandboxSpec()) as sbx:
+        res = sbx.run("echo stall-me; echo err >&2; exit 4")
+        assert (res.exit_code, res.stdout, res.stderr) == (4, "stall-me\n", "err\n")
+        assert sbx.run("echo next").stdout == "next\n"
+
+
 def test_rate_limits_and_unavailable_answers_are_retried(emulator, tmp_path):
     backend = daytona(emulator)
     set_faults(emulator, rate_429=0.3, rate_503=0.2)

@@ -23,7 +23,8 @@ Test hooks: ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; f
 ``POST /_emulator/faults`` (a JSON object with the keys of ``Faults``): latency on every request, a
 fraction of requests answered 429 or 503 (before any processing), the next N matching commands'
 sandboxes dying mid-command (state ``error``, exit code -1, log streams closed with 1011), the
-next N matching commands' log streams dropped mid-way (the TCP connection cut). Snapshots or
+next N matching commands' log streams dropped mid-way (the TCP connection cut) or stalled (open,
+silent, never closed) while the command runs on. Snapshots or
 images whose name contains ``missing`` do not exist; ``--max-live N`` refuses creation beyond N
 live sandboxes with Daytona's quota error.
 """
@@ -265,7 +266,7 @@ def make_app(emu: Emulator) -> web.Application:
 
 async def serve(args: argparse.Namespace) -> None:
     emu = Emulator(args)
-    runner = web.AppRunner(make_app(emu), handle_signals=False, access_log=None)
+    runner = web.AppRunner(make_app(emu), handle_signals=False, access_log=None, shutdown_timeout=1)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
     stop = asyncio.Event()
@@ -294,7 +295,8 @@ def main() -> None:
     parser.add_argument("--die-next", type=int, default=0, help="the next N matching commands' sandboxes die")
     parser.add_argument("--die-after-s", type=float, default=0.5)
     parser.add_argument("--drop-logs-next", type=int, default=0, help="the next N matching log streams are cut")
-    parser.add_argument("--fault-match", default="", help="die/drop only commands containing this text")
+    parser.add_argument("--stall-logs-next", type=int, default=0, help="the next N matching log streams stall")
+    parser.add_argument("--fault-match", default="", help="die/drop/stall only commands containing this text")
     asyncio.run(serve(parser.parse_args()))
 
 

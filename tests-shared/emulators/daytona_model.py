@@ -39,10 +39,11 @@ class Faults:
     die_next: int = 0
     die_after_s: float = 0.5
     drop_next: int = 0
+    stall_next: int = 0
     match: str = ""
 
     def take(self, kind: str, command: str) -> bool:
-        """Consume one ``die``/``drop`` fault if one is pending for ``command``."""
+        """Consume one ``die``/``drop``/``stall`` fault if one is pending for ``command``."""
         with _FAULT_LOCK:
             left = getattr(self, f"{kind}_next")
             if left > 0 and self.match in command:
@@ -74,6 +75,7 @@ class Command:
         self.finished = False  # no more output will come
         self.close_code = 1000  # how followers' WebSockets end
         self.drop = False  # the next follower's connection is cut mid-way
+        self.stall = False  # the next follower gets nothing at all, and no close, ever
         self._waiters: set[asyncio.Future[None]] = set()
 
     def _wake(self) -> None:
@@ -169,6 +171,7 @@ class Emulator:
             die_next=args.die_next,
             die_after_s=args.die_after_s,
             drop_next=args.drop_logs_next,
+            stall_next=args.stall_logs_next,
             match=args.fault_match,
         )
         self.max_live = args.max_live
@@ -242,6 +245,7 @@ def run_command(emu: Emulator, sbx: EmulatedSandbox, cmd: Command, cwd: str | No
     if emu.faults.take("die", cmd.command):
         threading.Timer(emu.faults.die_after_s, emu.die, [sbx]).start()
     cmd.drop = emu.faults.take("drop", cmd.command)
+    cmd.stall = emu.faults.take("stall", cmd.command)
     command = cmd.command if cwd is None else f"cd {json.dumps(cwd)} && {cmd.command}"
     try:
         # The primitive, not the public ``run``: that one re-splits output into lines, and the

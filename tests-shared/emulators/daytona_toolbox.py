@@ -143,6 +143,11 @@ async def command_logs(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     drop, cmd.drop = cmd.drop, False
+    stall, cmd.stall = cmd.stall, False
+    if stall:
+        # A stalled stream: open, silent, never closed (until the client goes away).
+        await ws.receive()
+        return ws
     sent = 0
     while True:
         while sent < len(cmd.chunks):

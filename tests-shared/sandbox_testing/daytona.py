@@ -18,7 +18,10 @@ import pytest
 from .emulators import emulator_state, start_emulator
 
 EMULATOR_API_KEY = "emulator-key"  # any key works; one starting with "invalid" is rejected (401)
-NO_FAULTS: dict[str, Any] = {"latency_ms": 0, "rate_429": 0, "rate_503": 0, "die_next": 0, "drop_next": 0, "match": ""}
+NO_FAULTS: dict[str, Any] = {
+    **{"latency_ms": 0, "rate_429": 0, "rate_503": 0},
+    **{"die_next": 0, "drop_next": 0, "stall_next": 0, "match": ""},
+}
 
 
 def emulator_env(url: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -130,7 +131,7 @@ class DaytonaSandbox(Sandbox):
         )
         follower.start()
         try:
-            finished = cmd.done.wait(timeout_s)
+            finished = self._wait(cmd, timeout_s)
         except BaseException:
             cmd.stop.set()  # Ctrl-C: the caller's ``with`` block destroys the sandbox
             raise
@@ -149,6 +150,21 @@ class DaytonaSandbox(Sandbox):
             if cmd.failure is None:
                 # Off the critical path: the command is over, its session is only bookkeeping.
                 threading.Thread(target=cmd.delete_session, daemon=True).start()
+
+    def _wait(self, cmd: SessionCommand, timeout_s: float | None) -> bool:
+        """Wait for the command; False when ``timeout_s`` passed. Every ``check_interval_s`` the
+        command record is consulted too, so a stalled log stream or a vanished sandbox cannot
+        leave the caller waiting forever."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        interval = self._backend.check_interval_s
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return cmd.done.is_set()
+            if cmd.done.wait(interval if left is None else min(interval, left)):
+                return True
+            if (deadline is None or time.monotonic() < deadline) and cmd.check():
+                return True
 
     def _upload(self, src: Path, dst: str) -> None:
         # A path (not bytes) makes the SDK stream the file from disk.
@@ -194,17 +210,22 @@ class DaytonaBackend(SandboxBackend):
         The snapshot for sandboxes without an image (the fast path); default Daytona's default snapshot.
     create_timeout_s : float, default 300
         How long creating (and, for an image, building) a sandbox may take.
+    check_interval_s : float, default 15
+        While a command runs, how often its state is checked besides following its log stream
+        (a stream that stalls silently, or a sandbox that vanished, is noticed within this).
     """
 
     name = "daytona"
 
     def __init__(
         self,
+        *,
         api_key: str | None = None,
         api_url: str | None = None,
         target: str | None = None,
         snapshot: str | None = None,
         create_timeout_s: float = 300,
+        check_interval_s: float = 15,
     ):
         self._sdk, self.sdk_version = load_sdk()
         self.api_key = api_key or os.environ.get("DAYTONA_API_KEY")
@@ -221,6 +242,9 @@ class DaytonaBackend(SandboxBackend):
         if not (isinstance(create_timeout_s, (int, float)) and create_timeout_s > 0):
             raise ConfigurationError(f"create_timeout_s must be a positive number; got {create_timeout_s!r}.")
         self.create_timeout_s = float(create_timeout_s)
+        if not (isinstance(check_interval_s, (int, float)) and check_interval_s > 0):
+            raise ConfigurationError(f"check_interval_s must be a positive number; got {check_interval_s!r}.")
+        self.check_interval_s = float(check_interval_s)
         self._client: Any = None
         self._client_lock = threading.Lock()
         # The SDK's client module takes seconds to import (over a thousand modules, pydantic

@@ -109,6 +109,8 @@ class SessionCommand:
         self.done = threading.Event()
         self.exit_code: int | None = None
         self.failure: BaseException | None = None
+        self.delivered: Delivered | None = None
+        self.caught_up = False  # the output was completed from the plain logs (a stalled stream)
 
     def _call(self, what: str, fn: Callable[[], Any], retry: bool = True) -> Any:
         return call(what, fn, retry=retry, sandbox_id=self.sandbox_id)
@@ -143,7 +145,7 @@ class SessionCommand:
 
     def follow(self, on_stdout: Callable[[str], None], on_stderr: Callable[[str], None]) -> None:
         """Deliver output and set ``exit_code`` (or ``failure``); runs in its own thread."""
-        delivered = Delivered(on_stdout, on_stderr, self.stop)
+        delivered = self.delivered = Delivered(on_stdout, on_stderr, self.stop)
         process = self.sandbox.process
         failures = 0
         try:
@@ -193,7 +195,41 @@ class SessionCommand:
         self.exit_code = int(record.exit_code)
         return True
 
+    def check(self, grace_s: float = 2.0) -> bool:
+        """Called periodically while waiting: has the command ended although its stream is silent?
+
+        A log WebSocket can stall without closing (a proxy or keepalive drop); the command record
+        still tells the truth. Raises ``SandboxUnavailable`` when the sandbox is gone.
+        """
+        process = self.sandbox.process
+        try:
+            record = self._call(
+                "reading the command's state", lambda: process.get_session_command(self.session, self.cmd_id)
+            )
+        except SandboxError:
+            self.check_alive()
+            return False  # a passing problem: the stream or the next check will tell
+        if record.exit_code is None or self.done.wait(grace_s):
+            return self.done.is_set()
+        # Ended, yet the stream is silent: stop following and take the rest from the plain logs.
+        self.stop.set()
+        logs = self._call(
+            "reading the command's logs", lambda: process.get_session_command_logs(self.session, self.cmd_id)
+        )
+        delivered = self.delivered
+        if delivered is not None:
+            with delivered.lock:
+                for kind, text in (("out", logs.stdout or ""), ("err", logs.stderr or "")):
+                    fresh = text[delivered.count[kind] :]
+                    if fresh:
+                        delivered.count[kind] += len(fresh)
+                        delivered.sinks[kind](fresh)
+        self.exit_code, self.caught_up = int(record.exit_code), True
+        return True
+
     def result(self) -> int:
+        if self.caught_up and self.exit_code is not None and self.exit_code >= 0:
+            return self.exit_code
         if self.failure is not None:
             raise self.failure
         code = self.exit_code
