@@ -22,7 +22,7 @@ def metadatum(field: str, value: str, type_: str, tags: list[str]) -> Any:
     try:
         from metaflow.metadata_provider import MetaDatum  # 2.12.29+
     except ImportError:  # 2.12.0 - 2.12.28
-        from metaflow.metadata import MetaDatum  # type: ignore[no-redef]
+        from metaflow.metadata import MetaDatum  # type: ignore[no-redef,unused-ignore]
     return MetaDatum(field=field, value=value, type=type_, tags=tags)
 
 
