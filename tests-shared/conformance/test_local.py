@@ -63,6 +63,13 @@ class TestLocalBwrap(BackendConformance):
         res = sandbox.run("python -c 'import metaflow_extensions.sandbox.core as c; print(c.__name__)'")
         assert res.stdout == "metaflow_extensions.sandbox.core\n"
 
+    def test_a_directory_inside_the_virtualenv_stays_private_and_writable(self, sandbox):
+        # e.g. a flow run from a directory inside the venv: its datastore path must be creatable.
+        inside = Path(sys.prefix) / f"project-{os.getpid()}" / ".metaflow"
+        assert sandbox.run(f"mkdir -p {inside} && touch {inside}/f").exit_code == 0
+        assert not inside.parent.exists()
+        assert sandbox.run(f"touch {sys.prefix}/lib/evil").exit_code != 0
+
     def test_sandbox_of_a_dead_owner_is_reaped(self, backend, sandbox_root):
         owner = textwrap.dedent(f"""
             from metaflow_extensions.sandbox.core import get_backend, SandboxSpec

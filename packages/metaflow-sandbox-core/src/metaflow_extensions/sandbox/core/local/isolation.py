@@ -82,10 +82,23 @@ def resolve_isolation(requested: str | None) -> str:
 
 
 def python_paths() -> list[str]:
-    """The launcher's Python environment (venv and base interpreter), to mount read-only."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    """The launcher's Python environment (venv and base interpreter), to mount read-only.
+
+    Only the parts Python reads (``bin``, ``lib``..., ``pyvenv.cfg``) are mounted, not whole
+    prefixes: a project or datastore directory inside a virtualenv stays private and writable.
+    """
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)}
     covered = ("/usr/", "/bin/", "/lib/", "/lib64/", "/sbin/")
-    return sorted(p for p in paths if p != "/" and not (p + "/").startswith(covered))
+    paths = set()
+    for prefix in prefixes:
+        if prefix == "/" or (prefix + "/").startswith(covered):
+            continue
+        for part in ("bin", "lib", "lib64", "include", "pyvenv.cfg"):
+            path = os.path.join(prefix, part)
+            # A symlinked part (venvs' lib64 -> lib) is covered by its target.
+            if os.path.exists(path) and not os.path.islink(path):
+                paths.add(path)
+    return sorted(paths)
 
 
 def prepare_rootfs(rootfs: Path) -> None:
