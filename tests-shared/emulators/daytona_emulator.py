@@ -20,7 +20,7 @@ markers, closed with 1000 at the end), ``process/execute``, and ``files/bulk-upl
 ``files/bulk-download`` (multipart both ways, streamed through temporary files).
 
 Test hooks: ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; faults from flags or
-``POST /_emulator/faults`` (a JSON object with the keys of ``Faults``): latency on every request, a
+``POST /_emulator/faults`` (a JSON object with the keys of ``DaytonaFaults``): latency on every request, a
 fraction of requests answered 429 or 503 (before any processing), the next N matching commands'
 sandboxes dying mid-command (state ``error``, exit code -1, log streams closed with 1011), the
 next N matching commands' log streams dropped mid-way (the TCP connection cut) or stalled (open,
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import random
 import re
@@ -50,7 +49,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import daytona_toolbox as toolbox
-from daytona_model import _FAULT_LOCK, DEFAULT_SNAPSHOT, EmulatedSandbox, Emulator, emulator, error
+from daytona_model import DEFAULT_SNAPSHOT, EmulatedSandbox, Emulator, emulator, error
 
 from metaflow_extensions.sandbox.core import Resources, SandboxSpec
 
@@ -85,14 +84,11 @@ async def admin_state(request: web.Request) -> web.Response:
 
 
 async def admin_faults(request: web.Request) -> web.Response:
-    update = await request.json() if request.can_read_body else {}
     faults = emulator(request).faults
-    with _FAULT_LOCK:
-        for key, value in update.items():
-            if not hasattr(faults, key):
-                return error(400, f"unknown fault {key!r}")
-            setattr(faults, key, type(getattr(faults, key))(value))
-    return web.json_response(dataclasses.asdict(faults))
+    problem = faults.update(await request.json() if request.can_read_body else {})
+    if problem:
+        return error(400, problem)
+    return web.json_response(faults.as_dict())
 
 
 # -- control plane -----------------------------------------------------------------------------

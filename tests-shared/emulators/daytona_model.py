@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from emulator_faults import Faults
 
 from metaflow_extensions.sandbox.core import SandboxError, get_backend
 from metaflow_extensions.sandbox.core.local.processes import kill_tree
@@ -32,27 +33,8 @@ DEFAULT_SNAPSHOT = "daytonaio/sandbox:0.4.3"
 
 
 @dataclasses.dataclass
-class Faults:
-    latency_ms: float = 0.0
-    rate_429: float = 0.0
-    rate_503: float = 0.0
-    die_next: int = 0
-    die_after_s: float = 0.5
-    drop_next: int = 0
-    stall_next: int = 0
-    match: str = ""
-
-    def take(self, kind: str, command: str) -> bool:
-        """Consume one ``die``/``drop``/``stall`` fault if one is pending for ``command``."""
-        with _FAULT_LOCK:
-            left = getattr(self, f"{kind}_next")
-            if left > 0 and self.match in command:
-                setattr(self, f"{kind}_next", left - 1)
-                return True
-        return False
-
-
-_FAULT_LOCK = threading.Lock()
+class DaytonaFaults(Faults):
+    drop_next: int = 0  # the next N matching commands' log streams are cut
 
 
 def iso(ts: float) -> str:
@@ -164,7 +146,7 @@ class EmulatedSandbox:
 
 class Emulator:
     def __init__(self, args: argparse.Namespace):
-        self.faults = Faults(
+        self.faults = DaytonaFaults(
             latency_ms=args.latency_ms,
             rate_429=args.rate_429,
             rate_503=args.rate_503,

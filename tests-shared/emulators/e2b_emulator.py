@@ -18,7 +18,7 @@ refuses timeouts over 24 h); ``--max-lifetime S`` silently caps every timeout to
 test can scale the lifetime down and check that long commands are kept alive.
 
 Test hooks: ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; faults from flags or
-``POST /_emulator/faults`` (a JSON object with the same keys as ``Faults``): latency, a fraction of
+``POST /_emulator/faults`` (a JSON object with the same keys as ``E2BFaults``): latency, a fraction of
 control-plane requests answered 429 or 503, the next N matching commands' sandboxes dying
 mid-command, the next N matching command streams stalling (no events at all, the connection left
 open) while the command runs on, the next N matching uploads stalling (body never read).
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2b_envd import EmulatedSandbox
 from e2b_envd_routes import EnvdRoutes
+from emulator_faults import Faults
 
 from metaflow_extensions.sandbox.core import get_backend
 
@@ -62,27 +63,8 @@ PLAN_MAX_TIMEOUT_S = 86400  # E2B refuses longer sandbox timeouts (24 h on Pro p
 
 
 @dataclasses.dataclass
-class Faults:
-    latency_ms: float = 0.0
-    rate_429: float = 0.0
-    rate_503: float = 0.0
-    die_next: int = 0
-    die_after_s: float = 0.5
-    stall_next: int = 0
-    stall_upload_next: int = 0
-    match: str = ""
-
-    def take(self, kind: str, command: str) -> bool:
-        """Consume one ``die``/``stall`` fault if one is pending for ``command``."""
-        with _FAULT_LOCK:
-            left = getattr(self, f"{kind}_next")
-            if left > 0 and self.match in command:
-                setattr(self, f"{kind}_next", left - 1)
-                return True
-        return False
-
-
-_FAULT_LOCK = threading.Lock()
+class E2BFaults(Faults):
+    stall_upload_next: int = 0  # the next N uploads stall mid-body
 
 
 class Emulator:
@@ -92,7 +74,7 @@ class Emulator:
         self.max_lifetime = args.max_lifetime
         self.keepalive_s = args.keepalive_s
         self.templates = set(args.templates.split(","))
-        self.faults = Faults(
+        self.faults = E2BFaults(
             latency_ms=args.latency_ms,
             rate_429=args.rate_429,
             rate_503=args.rate_503,
@@ -254,14 +236,10 @@ class Handler(EnvdRoutes, BaseHTTPRequestHandler):
         if path == "/_emulator/state":
             return self.reply(200, self.emu.state())
         if path == "/_emulator/faults" and method == "POST":
-            update = json.loads(self.body() or b"{}")
-            faults = self.emu.faults
-            with _FAULT_LOCK:
-                for key, value in update.items():
-                    if not hasattr(faults, key):
-                        return self.error(400, f"unknown fault {key!r}")
-                    setattr(faults, key, type(getattr(faults, key))(value))
-            return self.reply(200, dataclasses.asdict(faults))
+            problem = self.emu.faults.update(json.loads(self.body() or b"{}"))
+            if problem:
+                return self.error(400, problem)
+            return self.reply(200, self.emu.faults.as_dict())
         self.error(404, f"no emulator route {method} {path}")
 
     # -- control plane ---------------------------------------------------------------------------

@@ -8,14 +8,12 @@ Layer: tests-shared. Imports: pytest, the standard library and ``sandbox_testing
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from .emulators import emulator_state, start_emulator
+from .emulators import emulator_state, set_faults, start_emulator
 
 EMULATOR_API_KEY = "emulator-key"  # any key works; one starting with "invalid" is rejected (401)
 NO_FAULTS: dict[str, Any] = {
@@ -27,15 +25,6 @@ NO_FAULTS: dict[str, Any] = {
 def emulator_env(url: str) -> dict[str, str]:
     """Environment variables that point the Daytona SDK (and so the daytona backend) at the emulator."""
     return {"DAYTONA_API_URL": f"{url}/api", "DAYTONA_API_KEY": EMULATOR_API_KEY}
-
-
-def set_faults(url: str, **faults: Any) -> dict[str, Any]:
-    """``POST /_emulator/faults``: e.g. ``set_faults(url, rate_503=0.2)``, ``set_faults(url, die_next=1)``."""
-    request = urllib.request.Request(
-        f"{url}/_emulator/faults", data=json.dumps(faults).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return dict(json.load(answer))
 
 
 @pytest.fixture(scope="session")

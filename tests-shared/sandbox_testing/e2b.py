@@ -8,14 +8,11 @@ Layer: tests-shared. Imports: pytest, the standard library and ``sandbox_testing
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from .emulators import emulator_state, start_emulator
+from .emulators import emulator_state, set_faults, start_emulator
 
 EMULATOR_API_KEY = "e2b_" + "0" * 40
 # E2B's default 300 s sandbox lifetime, scaled down for e2e runs (``--max-lifetime`` of the emulator).
@@ -25,15 +22,6 @@ E2B_E2E_LIFETIME_S = 15
 def emulator_env(url: str) -> dict[str, str]:
     """Environment variables that point the E2B SDK (and so the e2b backend) at the emulator."""
     return {"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": EMULATOR_API_KEY}
-
-
-def set_faults(url: str, **faults: Any) -> dict[str, Any]:
-    """``POST /_emulator/faults``: e.g. ``set_faults(url, die_next=1, match="marker")``."""
-    request = urllib.request.Request(
-        f"{url}/_emulator/faults", data=json.dumps(faults).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return dict(json.load(answer))
 
 
 @pytest.fixture(scope="session")

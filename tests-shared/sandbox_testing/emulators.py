@@ -18,6 +18,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 EMULATORS = Path(__file__).resolve().parent.parent / "emulators"
 
@@ -68,4 +69,13 @@ def start_emulator(name: str, *args: str, env: Mapping[str, str] | None = None, 
 def emulator_state(url: str) -> dict[str, int]:
     """``GET /_emulator/state``: ``{"live": n, "created": n, "destroyed": n}``."""
     with urllib.request.urlopen(f"{url}/_emulator/state", timeout=10) as answer:
+        return dict(json.load(answer))
+
+
+def set_faults(url: str, **faults: Any) -> dict[str, Any]:
+    """``POST /_emulator/faults``, e.g. ``set_faults(url, rate_503=0.2)`` or ``set_faults(url, die_next=1)``."""
+    request = urllib.request.Request(
+        f"{url}/_emulator/faults", data=json.dumps(faults).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
         return dict(json.load(answer))
