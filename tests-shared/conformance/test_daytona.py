@@ -125,7 +125,8 @@ def test_quota_is_final_with_a_remedy():
 
 
 def test_faults_from_command_line_flags(tmp_path):
-    with start_emulator("daytona", "--latency-ms", "20", "--rate-429", "0.2", "--rate-503", "0.1") as url:
+    # Low rates: the flags must take effect, while five retries must make a failure vanishingly rare.
+    with start_emulator("daytona", "--latency-ms", "20", "--rate-429", "0.05", "--rate-503", "0.05") as url:
         with daytona(url).create(SandboxSpec()) as sbx:
             sbx.upload(b"x" * 1000, "f")
             assert sbx.run("wc -c < f").stdout == "1000\n"
