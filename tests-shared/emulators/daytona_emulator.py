@@ -49,7 +49,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import daytona_toolbox as toolbox
-from daytona_model import DEFAULT_SNAPSHOT, EmulatedSandbox, Emulator, emulator, error
+from daytona_model import DEFAULT_SNAPSHOT, DaytonaFaults, EmulatedSandbox, Emulator, emulator, error
 
 from metaflow_extensions.sandbox.core import Resources, SandboxSpec
 
@@ -285,14 +285,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--isolation", default="auto", help="local backend isolation: auto, bwrap or process")
     parser.add_argument("--max-live", type=int, default=0, help="refuse creation beyond N live sandboxes (quota)")
-    parser.add_argument("--latency-ms", type=float, default=0)
-    parser.add_argument("--rate-429", type=float, default=0)
-    parser.add_argument("--rate-503", type=float, default=0)
-    parser.add_argument("--die-next", type=int, default=0, help="the next N matching commands' sandboxes die")
-    parser.add_argument("--die-after-s", type=float, default=0.5)
-    parser.add_argument("--drop-logs-next", type=int, default=0, help="the next N matching log streams are cut")
-    parser.add_argument("--stall-logs-next", type=int, default=0, help="the next N matching log streams stall")
-    parser.add_argument("--fault-match", default="", help="die/drop/stall only commands containing this text")
+    DaytonaFaults.add_flags(parser)
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -34,7 +34,7 @@ DEFAULT_SNAPSHOT = "daytonaio/sandbox:0.4.3"
 
 @dataclasses.dataclass
 class DaytonaFaults(Faults):
-    drop_next: int = 0  # the next N matching commands' log streams are cut
+    drop_next: int = dataclasses.field(default=0, metadata={"help": "the next N matching log streams are cut"})
 
 
 def iso(ts: float) -> str:
@@ -146,16 +146,7 @@ class EmulatedSandbox:
 
 class Emulator:
     def __init__(self, args: argparse.Namespace):
-        self.faults = DaytonaFaults(
-            latency_ms=args.latency_ms,
-            rate_429=args.rate_429,
-            rate_503=args.rate_503,
-            die_next=args.die_next,
-            die_after_s=args.die_after_s,
-            drop_next=args.drop_logs_next,
-            stall_next=args.stall_logs_next,
-            match=args.fault_match,
-        )
+        self.faults = DaytonaFaults.from_flags(args)
         self.max_live = args.max_live
         self.base = f"http://127.0.0.1:{args.port}"
         self.root = Path(tempfile.mkdtemp(prefix="daytona-emulator-"))

@@ -64,7 +64,7 @@ PLAN_MAX_TIMEOUT_S = 86400  # E2B refuses longer sandbox timeouts (24 h on Pro p
 
 @dataclasses.dataclass
 class E2BFaults(Faults):
-    stall_upload_next: int = 0  # the next N uploads stall mid-body
+    stall_upload_next: int = dataclasses.field(default=0, metadata={"help": "the next N matching uploads stall"})
 
 
 class Emulator:
@@ -74,16 +74,7 @@ class Emulator:
         self.max_lifetime = args.max_lifetime
         self.keepalive_s = args.keepalive_s
         self.templates = set(args.templates.split(","))
-        self.faults = E2BFaults(
-            latency_ms=args.latency_ms,
-            rate_429=args.rate_429,
-            rate_503=args.rate_503,
-            die_next=args.die_next,
-            die_after_s=args.die_after_s,
-            stall_next=args.stall_next,
-            stall_upload_next=args.stall_upload_next,
-            match=args.fault_match,
-        )
+        self.faults = E2BFaults.from_flags(args)
         self.root = Path(tempfile.mkdtemp(prefix="e2b-emulator-"))
         self.local = get_backend("local", isolation="bwrap", root=self.root)
         self.sandboxes: dict[str, EmulatedSandbox] = {}
@@ -351,14 +342,7 @@ def main() -> None:
         help="silently cap every requested timeout to this (s): scaled-down lifetimes for tests",
     )
     parser.add_argument("--keepalive-s", type=float, default=0, help="keepalive ping interval cap (s)")
-    parser.add_argument("--latency-ms", type=float, default=0)
-    parser.add_argument("--rate-429", type=float, default=0)
-    parser.add_argument("--rate-503", type=float, default=0)
-    parser.add_argument("--die-next", type=int, default=0, help="the next N matching commands' sandboxes die")
-    parser.add_argument("--die-after-s", type=float, default=0.5)
-    parser.add_argument("--stall-next", type=int, default=0, help="the next N matching command streams stall")
-    parser.add_argument("--stall-upload-next", type=int, default=0, help="the next N matching uploads stall")
-    parser.add_argument("--fault-match", default="", help="faults hit only commands/paths containing this")
+    E2BFaults.add_flags(parser)
     args = parser.parse_args()
     Handler.emu = Emulator(args)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

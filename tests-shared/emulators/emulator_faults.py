@@ -2,12 +2,14 @@
 
 Layer: tests-shared/emulators. Imports: the standard library.
 
-Each emulator subclasses ``Faults`` with the faults only it has, sets it from its flags, and lets
-``POST /_emulator/faults`` change it at run time through ``Faults.update``.
+Each emulator subclasses ``Faults`` with the faults only it has; ``add_flags``/``from_flags`` give
+every field a command-line flag (``--rate-429``, ``--fault-match``...), and ``POST /_emulator/faults``
+changes them at run time through ``Faults.update``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import threading
 from collections.abc import Mapping
@@ -19,13 +21,24 @@ _TYPES = {"float": float, "int": int, "str": str}
 
 @dataclasses.dataclass
 class Faults:
-    latency_ms: float = 0.0  # added to every request
-    rate_429: float = 0.0  # fraction of control-plane requests answered 429
-    rate_503: float = 0.0  # ... and 503
-    die_next: int = 0  # the next N matching commands' sandboxes die after die_after_s
-    die_after_s: float = 0.5
-    stall_next: int = 0  # the next N matching commands' output streams stall
-    match: str = ""  # only commands containing this string are hit
+    latency_ms: float = dataclasses.field(default=0.0, metadata={"help": "added to every request"})
+    rate_429: float = dataclasses.field(default=0.0, metadata={"help": "fraction of requests answered 429"})
+    rate_503: float = dataclasses.field(default=0.0, metadata={"help": "fraction of requests answered 503"})
+    die_next: int = dataclasses.field(default=0, metadata={"help": "the next N matching commands' sandboxes die"})
+    die_after_s: float = dataclasses.field(default=0.5, metadata={"help": "... this long after the command starts"})
+    stall_next: int = dataclasses.field(default=0, metadata={"help": "the next N matching output streams stall"})
+    match: str = dataclasses.field(default="", metadata={"help": "faults hit only commands containing this"})
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per fault: ``--<field-name>`` (``--fault-match`` for ``match``)."""
+        for f in dataclasses.fields(cls):
+            flag = "--fault-match" if f.name == "match" else f"--{f.name.replace('_', '-')}"
+            parser.add_argument(flag, dest=f.name, type=_TYPES[str(f.type)], default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> Faults:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         # Flags and JSON give ints for floats (``0``); coerce by the declared type, not the value's.
