@@ -164,6 +164,7 @@ def test_rate_limits_and_busy_answers_are_retried(flaky_emulator, tmp_path):
             assert [i.id for i in backend.list(labels=labels)] == [sbx.id]
     assert backend.list(labels=labels) == []
     assert emulator_state(flaky_emulator)["live"] == 0
+    assert set_faults(flaky_emulator)["refused"] >= 5
 
 
 def test_nothing_is_left_live(e2b_emulator):

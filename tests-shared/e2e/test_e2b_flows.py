@@ -65,7 +65,8 @@ def test_rate_limits_and_latency_do_not_fail_flows(flowdir, emulator):
     try:
         flowdir.run("long_flow.py", "run", "--seconds", "1")
     finally:
-        set_faults(emulator, rate_429=0, rate_503=0, latency_ms=0)
+        refused = set_faults(emulator, rate_429=0, rate_503=0, latency_ms=0)["refused"]
+    assert refused >= 5
     run = flowdir.inspect("LongFlow")
     assert run["successful"] and start_task(run)["artifacts"]["attempt"] == 0
     assert emulator_state(emulator)["live"] == 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import re
 import shutil
 import signal
@@ -69,11 +68,11 @@ async def faults_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
     if not auth.startswith("Bearer ") or auth[7:].startswith("invalid"):
         await request.read()
         return error(401, "Invalid credentials", code="UNAUTHORIZED")
-    roll = random.random()
-    if roll < faults.rate_429:
+    refusal = faults.refusal()
+    if refusal == 429:
         await request.read()
         return error(429, "ThrottlerException: Too Many Requests (emulated)")
-    if roll < faults.rate_429 + faults.rate_503:
+    if refusal == 503:
         await request.read()
         return error(503, "Service Unavailable (emulated)")
     return await handler(request)  # type: ignore[no-any-return]

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import select
 import shutil
 import signal
@@ -212,11 +211,11 @@ class Handler(EnvdRoutes, BaseHTTPRequestHandler):
             if self.headers.get("X-API-KEY") != self.emu.api_key:
                 self.body()
                 return self.error(401, "Invalid API key")
-            roll = random.random()
-            if roll < faults.rate_429:
+            refusal = faults.refusal()
+            if refusal == 429:
                 self.body()
                 return self.error(429, "Rate limit exceeded (emulated)")
-            if roll < faults.rate_429 + faults.rate_503:
+            if refusal == 503:
                 self.body()
                 return self.error(503, "Service busy (emulated)")
             return self.control(method, path, query)
