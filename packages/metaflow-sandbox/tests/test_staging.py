@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -99,6 +102,28 @@ def test_the_code_archive_is_built_once_per_package_and_ships_files_under_code(l
         names = tar.getnames()
     assert names[:2] == ["code/flow.py", "code/.mf_code/metaflow/__init__.py"]
     assert any(n.startswith("root/") and n.endswith("ab12") for n in names)
+
+
+def test_bytecode_in_the_code_archive_is_what_python_imports(tmp_path):
+    package = io.BytesIO()
+    with tarfile.open(fileobj=package, mode="w:gz") as tar:
+        for name, text in (("pkgx/__init__.py", b"VALUE = 'compiled'\n"), ("pkgx/broken.py", b"def (:\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    archive = staging.cached_code_archive("sha2", package.getvalue, str(tmp_path / "cache"), bytecode=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "out")
+        names = tar.getnames()
+    # A file this interpreter cannot compile ships as source only.
+    assert not any("broken" in n and n.endswith(".pyc") for n in names)
+    # Unchecked-hash bytecode is used as shipped, whatever the source's mtime after unpacking:
+    # change the source, and the import still runs the shipped bytecode.
+    (tmp_path / "out/code/pkgx/__init__.py").write_text("VALUE = 'recompiled'\n")
+    probe = "import pkgx, sys; print(pkgx.VALUE, pkgx.__cached__ is not None)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "out/code"), "PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["compiled", "True"]
 
 
 def out_archive(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:

@@ -20,7 +20,7 @@ from .errors import (
     SandboxUnavailable,
     TransientError,
 )
-from .registry import ENTRY_POINT_GROUP, available_backends, get_backend
+from .registry import ENTRY_POINT_GROUP, available_backends, backend_class, get_backend
 from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SandboxUnavailable",
     "TransientError",
     "available_backends",
+    "backend_class",
     "destroy_all_live",
     "get_backend",
 ]

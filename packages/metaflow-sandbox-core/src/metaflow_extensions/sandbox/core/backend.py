@@ -222,6 +222,9 @@ class SandboxBackend(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether commands in its sandboxes run under the launcher's own Python interpreter, so that
+    #: bytecode compiled by the launcher is valid there (callers may then ship ``.pyc`` files).
+    runs_launcher_python: ClassVar[bool] = False
 
     @abstractmethod
     def create(self, spec: SandboxSpec) -> Sandbox:

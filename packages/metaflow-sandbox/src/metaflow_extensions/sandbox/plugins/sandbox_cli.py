@@ -21,7 +21,7 @@ from typing import Any
 from metaflow import util
 from metaflow._vendor import click
 
-from metaflow_extensions.sandbox.core import Resources, SandboxError, destroy_all_live, get_backend
+from metaflow_extensions.sandbox.core import Resources, SandboxError, backend_class, destroy_all_live, get_backend
 
 from .exceptions import SandboxException
 from .metadata import selector, task_labels
@@ -164,7 +164,8 @@ def step(ctx: Any, step_name: str, code_package_sha: str, code_package_metadata:
     if compat.package_is_tar(pkg_metadata):
         # Unpacked once per package on this machine, shared by the run's tasks.
         cache = os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-code-{os.getuid()}")
-        code_tar = staging.cached_code_archive(code_package_sha, load_package, cache)
+        bytecode = backend_class(deco.attributes["backend"]).runs_launcher_python
+        code_tar = staging.cached_code_archive(code_package_sha, load_package, cache, bytecode=bytecode)
     attrs = deco.attributes
     req = TaskRequest(
         backend=attrs["backend"],

@@ -17,12 +17,15 @@ the renames leaves nothing behind, and no reader ever sees a task marked done wi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
+import marshal
 import os
 import re
 import shlex
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -132,10 +135,14 @@ def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[s
     return files, blobs
 
 
-def code_archive(package: bytes, path: str) -> str:
+def code_archive(package: bytes, path: str, *, bytecode: bool = False) -> str:
     """Write the code package's files under ``code/`` as a plain tar at ``path`` (atomically) and
     return ``path``. Built once per package and reused by every task: the sandbox then unpacks
-    code and data in one pass, without decompressing."""
+    code and data in one pass, without decompressing.
+
+    ``bytecode``: also ship each module compiled for this interpreter (only useful when the
+    sandbox runs this same interpreter). The package carries Metaflow itself, which the task
+    imports from the unpacked code: without bytecode every task compiles it again (~0.3 s)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".code-", suffix=".tar", dir=os.path.dirname(path))
     try:
@@ -147,9 +154,16 @@ def code_archive(package: bytes, path: str) -> str:
             for member in code:
                 if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
                     continue
-                source = code.extractfile(member) if member.isfile() else None
-                member.name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
-                tar.addfile(member, source)
+                source = code.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+                name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
+                member.name = name
+                tar.addfile(member, io.BytesIO(source) if source is not None else None)
+                compiled = _bytecode(source, name) if bytecode and source is not None else None
+                if compiled is not None:
+                    folder, module = os.path.split(name)
+                    pyc = tarfile.TarInfo(f"{folder}/__pycache__/{module[:-3]}.{sys.implementation.cache_tag}.pyc")
+                    pyc.size, pyc.mtime, pyc.mode = len(compiled), member.mtime, 0o644
+                    tar.addfile(pyc, io.BytesIO(compiled))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -157,10 +171,26 @@ def code_archive(package: bytes, path: str) -> str:
     return path
 
 
-def cached_code_archive(package_sha: str, load: Callable[[], bytes], cache_dir: str, max_age_s: float = 86400) -> str:
+def _bytecode(source: bytes, name: str) -> bytes | None:
+    """``source`` as an unchecked-hash ``.pyc`` (PEP 552: valid whatever the file's mtime after
+    unpacking); None for non-modules and for files this interpreter cannot compile."""
+    if not name.endswith(".py"):
+        return None
+    try:
+        code = compile(source, name, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None  # importing it fails the same way in the sandbox, with the real message
+    flags = (1).to_bytes(4, "little")  # hash-based, not checked against the source
+    return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
+
+
+def cached_code_archive(
+    package_sha: str, load: Callable[[], bytes], cache_dir: str, *, bytecode: bool = False, max_age_s: float = 86400
+) -> str:
     """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use.
     Entries unused for ``max_age_s`` are removed when a new one is built."""
-    path = os.path.join(cache_dir, f"{package_sha}.tar")
+    flavour = f"-{sys.implementation.cache_tag}" if bytecode else ""
+    path = os.path.join(cache_dir, f"{package_sha}{flavour}.tar")
     if os.path.exists(path):
         os.utime(path)  # recently used: keep it
         return path
@@ -169,7 +199,7 @@ def cached_code_archive(package_sha: str, load: Callable[[], bytes], cache_dir: 
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > max_age_s:
                 old.unlink()
-    return code_archive(load(), path)
+    return code_archive(load(), path, bytecode=bytecode)
 
 
 def build_inputs(archive: str, files: Iterable[str], *, package: bytes = b"", code_tar: str | None = None) -> Staged:

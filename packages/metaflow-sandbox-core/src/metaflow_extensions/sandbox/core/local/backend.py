@@ -194,6 +194,7 @@ class LocalBackend(SandboxBackend):
     """
 
     name = "local"
+    runs_launcher_python = True
 
     def __init__(self, isolation: str | None = None, root: str | os.PathLike[str] | None = None):
         self.isolation = resolve_isolation(isolation)
