@@ -16,7 +16,7 @@ from .emulators import emulator_state, set_faults, start_emulator
 
 EMULATOR_API_KEY = "e2b_" + "0" * 40
 # E2B's default 300 s sandbox lifetime, scaled down for e2e runs (``--max-lifetime`` of the emulator).
-E2B_E2E_LIFETIME_S = 15
+E2B_E2E_LIFETIME_S = 10
 
 
 def emulator_env(url: str) -> dict[str, str]:
