@@ -47,8 +47,24 @@ SDK_VERSIONS: dict[str, dict[str, str]] = {
 # Extra test dependencies per backend (emulators, fixtures).
 TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": []}
 
-# Metaflow releases the integration is tested against: the oldest and newest supported.
-METAFLOW_VERSIONS = ["2.12.39", "2.19.39"]
+# Metaflow releases every backend is tested against (one e2e cell each): the latest patch of every
+# supported minor line, plus the releases where Metaflow internals our shims bridge change
+# (plugins/compat.py names them). A new Metaflow release is one line here; `matrix_fresh` fails
+# when PyPI has a minor line newer than this list.
+METAFLOW_VERSIONS = [
+    "2.12.0",  # oldest supported: `metaflow.metadata`, no configs, no Decorator.init
+    "2.12.39",
+    "2.13.10",
+    "2.14.3",
+    "2.15.0",  # last flat code package without the `flush_mflogs` bash helper
+    "2.15.21",  # last flat code package
+    "2.16.0",  # first `.mf_code`/`.mf_meta` code package, package metadata
+    "2.16.8",
+    "2.17.5",
+    "2.18.13",
+    "2.19.22",  # last release before the `*_ctx` decorator hooks
+    "2.19.39",
+]
 
 
 def present(short: str) -> bool:
@@ -128,7 +144,7 @@ def structural(session: nox.Session) -> None:
     )
 
 
-@nox.session
+@nox.session(tags=["portable"])
 @nox.parametrize(
     "package",
     [nox.param(s, id=s) for s in PACKAGES if present(s) and (ROOT / "packages" / PACKAGES[s] / "tests").is_dir()],
@@ -149,7 +165,7 @@ def _conformance_cells() -> list[object]:
     return cells
 
 
-@nox.session
+@nox.session(tags=["portable"])
 @nox.parametrize("backend,sdk", _conformance_cells())
 def conformance(session: nox.Session, backend: str, sdk: str) -> None:
     """The backend conformance suite (provider backends against their wire emulators)."""
@@ -179,6 +195,15 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     )
     show_versions(session, "metaflow")
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
+
+
+@nox.session(default=False, tags=["live"])
+def live(session: nox.Session) -> None:
+    """Tests against the real providers (``-m live``); each is skipped unless its API key is set."""
+    shorts = dict.fromkeys(["core", "plugins", *(p for b in BACKENDS for p in BACKEND_PACKAGES[b])])
+    deps = [d for b in BACKENDS for d in TEST_DEPS[b]]
+    session.install(*PYTEST, "metaflow", *deps, *wheels(session, *shorts))
+    session.run("pytest", *XDIST, "-m", "live", "tests-shared/conformance", "tests-shared/e2e", *session.posargs)
 
 
 @nox.session(default=False)
