@@ -19,6 +19,10 @@ nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.error_on_missing_interpreters = True
 
+# uv installs without bytecode; with PYTHONDONTWRITEBYTECODE set as well, every flow task of the
+# e2e cells would compile Metaflow from source again (~0.5 s a process). Let the venvs cache it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 ROOT = Path(__file__).resolve().parent
 WHEELHOUSE = ROOT / ".nox" / "_wheels"
 PYTEST = ["pytest", "pytest-xdist"]
