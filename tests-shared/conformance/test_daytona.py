@@ -250,7 +250,9 @@ def test_each_command_runs_once_under_faults(emulator):
 
 
 OWNER = """
-import sys
+import signal, sys
+# Python's own Ctrl-C handler, even when started with SIGINT ignored (a background CI job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
 backend = get_backend("daytona", api_url=sys.argv[1] + "/api", api_key="k")
 with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:

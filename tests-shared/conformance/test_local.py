@@ -111,7 +111,9 @@ def test_image_is_refused_by_local(sandbox_root):
 
 
 OWNER = """
-import sys
+import signal, sys
+# Python's own Ctrl-C handler, even when started with SIGINT ignored (a background CI job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
 backend = get_backend("local", isolation=sys.argv[1], root=sys.argv[2])
 with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from .signals import ctrl_c_default
+
 RUN_TIMEOUT_S = 600
 
 
@@ -63,6 +65,8 @@ class FlowDir:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # No thread runs in the test process while it forks a flow: the hook is safe here.
+            preexec_fn=ctrl_c_default,  # noqa: PLW1509
         )
 
     def inspect(self, flow_class: str, run_id: str | None = None) -> dict:
