@@ -66,7 +66,7 @@ def test_rate_limits_and_latency_do_not_fail_flows(flowdir, emulator):
         flowdir.run("long_flow.py", "run", "--seconds", "1")
     finally:
         refused = set_faults(emulator, rate_429=0, rate_503=0, latency_ms=0)["refused"]
-    assert refused >= 5
+    assert refused > 0  # control-plane calls met 429s and 503s, and the flow still succeeded
     run = flowdir.inspect("LongFlow")
     assert run["successful"] and start_task(run)["artifacts"]["attempt"] == 0
     assert emulator_state(emulator)["live"] == 0
