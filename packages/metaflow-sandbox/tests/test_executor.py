@@ -29,6 +29,11 @@ def code_package(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
+def logs_of(loc: staging.TaskLocation, attempt: int = 0) -> dict[str, str]:
+    """The attempt's task logs as the launcher saved them in the local datastore."""
+    return {s: Path(loc.task_dir, f"{attempt}.task_{s}.log").read_text() for s in ("stdout", "stderr")}
+
+
 @pytest.fixture
 def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path / "sandboxes"))
@@ -41,6 +46,8 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (root / "F" / "data" / "ab").mkdir(parents=True)
     (root / "F" / "data" / "ab" / "ab12").write_text("parent-blob")
     loc = staging.TaskLocation(root=str(root), flow="F", run_id="1", step="b", task_id="7")
+    package = tmp_path / "package.tgz"
+    package.write_bytes(code_package({"flow.py": "print('code')\n"}))
 
     def make(step_command: str, **overrides) -> executor.TaskRequest:
         fields = dict(
@@ -49,7 +56,7 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             step_command=step_command,
             location=loc,
             input_paths=["1/a/3"],
-            package=code_package({"flow.py": "print('code')\n"}),
+            package=str(package),
             extract_commands=["tar xf job.tar"],
             extract_env={},
             env={"GREETING": "hi"},
@@ -73,28 +80,29 @@ def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_
     paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir}
     code_tar = None
     if inline_code:
-        code_tar = staging.code_archive(request_for("true").package, f"{loc.root}/../code.tar")
-    req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar)
-    saved: dict[str, bytes] = {}
-    assert executor.execute(req, saved.update) == 3
+        package = Path(request_for("true").package).read_bytes()
+        code_tar = staging.code_archive(package, f"{loc.root}/../code.tar")
+    req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar, attempt=2)
+    assert executor.execute(req) == 3
     assert Path(loc.task_dir, "0.DONE.lock").read_text() == "done\n"
     assert Path(loc.blob_dir, "cd", "cd34").read_text() == "new\n"
-    out = saved["stdout"].decode()
+    saved = logs_of(loc, attempt=2)
+    out = saved["stdout"]
     assert "parent-blob" in out and "hi from 1 file" in out and out.startswith("[MFLOG|0|")
-    assert "oops" in saved["stderr"].decode()
+    assert "oops" in saved["stderr"]
     assert b"hi from 1 file" in capfdbinary.readouterr().out, "lines are echoed live"
     assert not list(Path(os.environ["METAFLOW_SANDBOX_LOCAL_ROOT"]).glob("sbx-*")), "the sandbox was destroyed"
 
 
 def test_a_broken_code_package_is_an_infrastructure_failure(request_for):
-    req = request_for("true", extract_commands=["false"])
-    saved: dict[str, bytes] = {}
-    assert executor.execute(req, saved.update) == executor.EXIT_INFRA_RETRYABLE
+    req = request_for("echo before the failure", extract_commands=["false"])
+    assert executor.execute(req) == executor.EXIT_INFRA_RETRYABLE
+    assert logs_of(req.location) == {"stdout": "", "stderr": ""}, "logs are saved, the task never ran"
 
 
 def test_a_backend_that_cannot_create_sandboxes_disallows_retries(request_for):
     req = request_for("true", image="python:3.11")  # the local backend has no images
-    assert executor.execute(req, lambda logs: None) == executor.EXIT_DISALLOW_RETRY
+    assert executor.execute(req) == executor.EXIT_DISALLOW_RETRY
 
 
 def test_exit_codes_tell_configuration_from_transient_failures():

@@ -69,7 +69,9 @@ def test_the_inbound_archive_holds_the_package_and_absolute_paths(loc, tmp_path)
     parent_task(Path(loc.root), {0: True}, ["ab12"])
     files, _ = staging.input_files(loc, ["1/a/3"])
     archive = tmp_path / "in.tar"
-    staged = staging.build_inputs(str(archive), files, package=b"package-bytes")
+    package = tmp_path / "package.tgz"
+    package.write_bytes(b"package-bytes")
+    staged = staging.build_inputs(str(archive), files, package=str(package))
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         assert tar.extractfile(staging.PACKAGE_MEMBER).read() == b"package-bytes"

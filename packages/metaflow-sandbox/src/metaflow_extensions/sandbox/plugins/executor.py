@@ -1,7 +1,8 @@
 """Runs one Metaflow task in a sandbox: create, stage in, run with live logs, stage out, destroy.
 
-Layer: plugins (middle: called by ``sandbox_cli``; uses ``staging`` and ``metadata``). Imports:
-the core API (``get_backend`` and the ABC; never a backend module by name), metaflow's mflog.
+Layer: plugins (middle: run by ``launcher``; uses ``staging`` and ``metadata``). Imports: the
+core API (``get_backend`` and the ABC; never a backend module by name) and the standard library —
+never metaflow, which the launcher process does not load (see ``launcher``).
 
 The task's output is captured here, on the launcher side, in mflog format: each line is echoed
 live as a structured line (the runtime shows it with the task prefix and does not persist it
@@ -17,14 +18,18 @@ credentials, image), as ``@batch`` does on launch failures.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shlex
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from metaflow_extensions.sandbox.core import (
@@ -53,24 +58,38 @@ CREATE_GRACE_S = 30  # on interruption, how long a sandbox being created may tak
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """Everything needed to run one task attempt in a sandbox (built by ``sandbox_cli``)."""
+    """Everything needed to run one task attempt in a sandbox (built by ``launch`` in the runtime)."""
 
     backend: str
     backend_options: Mapping[str, Any]
     step_command: str  # the real ``python flow.py ... step ...``, run from the unpacked code
     location: staging.TaskLocation
     input_paths: list[str]
-    package: bytes  # the code package as Metaflow made it (used when code_tar is None)
     extract_commands: list[str]
     extract_env: Mapping[str, str]
     env: Mapping[str, str]
     labels: Mapping[str, str]
     hard_limit_s: int
+    attempt: int = 0
+    package: str = ""  # the code package file as Metaflow made it (used when code_tar is None)
+    code_tar: str | None = None  # the package's files as a plain tar (staging.code_archive), if it is a tarball
     image: str | None = None
     resources: Resources = field(default_factory=Resources)
     network: bool = True
     extra_inputs: list[str] = field(default_factory=list)
-    code_tar: str | None = None  # the package's files as a plain tar (staging.code_archive), if it is a tarball
+    retry_delay_s: int = 0  # @retry(minutes_between_retries) before this attempt
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as out:
+            json.dump(dataclasses.asdict(self), out)
+
+    @classmethod
+    def load(cls, path: str) -> TaskRequest:
+        with open(path, encoding="utf-8") as data:
+            fields = json.load(data)
+        fields["location"] = staging.TaskLocation(**fields["location"])
+        fields["resources"] = Resources(**fields["resources"])
+        return cls(**fields)
 
 
 class Background:
@@ -98,14 +117,18 @@ class Background:
         return self._value
 
 
+def mflog_line(line: str, source: str = "task") -> bytes:
+    """``line`` as a Metaflow structured log line: ``[MFLOG|0|<UTC time>Z|<source>|<id>]<line>``,
+    the format of ``metaflow.mflog.decorate`` (version 0, unchanged since Metaflow 2.0). Written
+    here so the launcher does not import Metaflow; a unit test parses it with Metaflow's parser."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return f"[MFLOG|0|{now}Z|{source}|{uuid.uuid4()}]".encode() + line.encode("utf-8", errors="replace")
+
+
 class TaskLogs:
     """Echo the task's lines live as mflog lines and keep them for the datastore."""
 
     def __init__(self) -> None:
-        from metaflow.mflog import TASK_LOG_SOURCE
-        from metaflow.mflog.mflog import decorate
-
-        self._decorate = lambda line: decorate(TASK_LOG_SOURCE, line.encode("utf-8", errors="replace"))
         self.lines: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.setup_error: str | None = None
         self.marks: list[tuple[str, int]] = []
@@ -122,7 +145,7 @@ class TaskLogs:
                 _, name, ns = line.split()
                 self.marks.append((name, int(ns)))
                 return
-            record = self._decorate(line)
+            record = mflog_line(line)
             with self._lock:
                 self.lines[stream].append(record)
                 out.write(record + b"\n")
@@ -210,9 +233,10 @@ class SandboxTask:
         """The inbound archive (code package and the datastore files the task reads), built
         locally while the sandbox is being created."""
         start = time.monotonic()
-        files, known_blobs = staging.input_files(self.req.location, self.req.input_paths, self.req.extra_inputs)
+        req = self.req
+        files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
         inbound = os.path.join(tmp, "in.tar")
-        staging.build_inputs(inbound, files, package=self.req.package, code_tar=self.req.code_tar)
+        staging.build_inputs(inbound, files, package=req.package, code_tar=req.code_tar)
         self._timed("build_inputs", start)
         return inbound, known_blobs
 
@@ -291,7 +315,7 @@ def process_age_s() -> float | None:
         return None
 
 
-def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> int:
+def execute(req: TaskRequest) -> int:
     """Run ``req`` end to end; always destroy the sandbox and save the captured logs."""
     task = SandboxTask(req)
     age = process_age_s()
@@ -305,7 +329,7 @@ def execute(req: TaskRequest, save_logs: Callable[[dict[str, bytes]], None]) -> 
                 # Interrupted while the sandbox was being created: let it finish, then destroy it.
                 task.creating.wait(CREATE_GRACE_S)
             task.destroy()
-            save_logs(task.logs.blobs())
+            staging.save_task_logs(req.location, req.attempt, task.logs.blobs())
             if os.environ.get(TIMINGS_ENV):
                 say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))
 

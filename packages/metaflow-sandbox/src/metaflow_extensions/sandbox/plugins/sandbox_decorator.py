@@ -5,7 +5,7 @@ Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, 
 
 This module is imported at every ``import metaflow``, in every task too: keep it light. The
 decorator validates in ``step_init``, saves the code package once per run, and reroutes the task
-to ``flow.py sandbox step ...`` (``sandbox_cli``), which does the actual work.
+to the ``launcher`` (``launch.reroute``), which does the actual work.
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ class SandboxDecorator(StepDecorator):
         self, flow: Any, graph: Any, step: str, decos: list[Any], environment: Any, flow_datastore: Any, logger: Any
     ) -> None:
         self.step = step
+        self.flow_name = flow.name
         self.flow_datastore = flow_datastore
+        self.environment = environment
+        self.step_decorators = decos
         self.inert = self._dedupe(step, decos)
         if self.inert:
             return
@@ -259,12 +262,9 @@ class SandboxDecorator(StepDecorator):
         if list(cli_args.commands) != ["step"]:
             # e.g. `spin` (2.19+) runs `spin-step` locally by design; leave other commands alone.
             return
-        cli_args.commands = ["sandbox", "step"]
-        cli_args.command_args.append(SandboxDecorator.package_sha)
-        cli_args.command_args.append(SandboxDecorator.package_metadata or "-")
-        # @conda/@pypi rewrite the interpreter unless they know the compute decorator: the
-        # launcher must run with this Python, which has the backends installed.
-        cli_args.entrypoint[0] = sys.executable
+        from .launch import reroute
+
+        reroute(self, cli_args, retry_count)
 
     # -- the task (inside the sandbox) -----------------------------------------------------------
 

@@ -187,36 +187,57 @@ def _bytecode(source: bytes, name: str) -> bytes | None:
 def cached_code_archive(
     package_sha: str, load: Callable[[], bytes], cache_dir: str, *, bytecode: bool = False, max_age_s: float = 86400
 ) -> str:
-    """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use.
-    Entries unused for ``max_age_s`` are removed when a new one is built."""
+    """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use."""
     flavour = f"-{sys.implementation.cache_tag}" if bytecode else ""
     path = os.path.join(cache_dir, f"{package_sha}{flavour}.tar")
+    return _cached(path, lambda: code_archive(load(), path, bytecode=bytecode), max_age_s)
+
+
+def cached_package(package_sha: str, load: Callable[[], bytes], cache_dir: str, *, max_age_s: float = 86400) -> str:
+    """The code package of ``package_sha`` as Metaflow made it, as a file in ``cache_dir``."""
+    path = os.path.join(cache_dir, f"{package_sha}.pkg")
+
+    def write() -> str:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".pkg-", dir=cache_dir)
+        with os.fdopen(fd, "wb") as out:
+            out.write(load())
+        os.replace(tmp, path)
+        return path
+
+    return _cached(path, write, max_age_s)
+
+
+def _cached(path: str, build: Callable[[], str], max_age_s: float) -> str:
+    """``path`` if it exists, else ``build()``; entries of its directory unused for ``max_age_s``
+    are removed when a new one is built."""
     if os.path.exists(path):
         os.utime(path)  # recently used: keep it
         return path
     now = time.time()
-    for old in Path(cache_dir).glob("*.tar") if os.path.isdir(cache_dir) else []:
+    cache_dir = Path(path).parent
+    for old in cache_dir.iterdir() if cache_dir.is_dir() else []:
         with contextlib.suppress(OSError):
-            if now - old.stat().st_mtime > max_age_s:
+            if old.suffix in (".tar", ".pkg") and now - old.stat().st_mtime > max_age_s:
                 old.unlink()
-    return code_archive(load(), path, bytecode=bytecode)
+    return build()
 
 
-def build_inputs(archive: str, files: Iterable[str], *, package: bytes = b"", code_tar: str | None = None) -> Staged:
+def build_inputs(archive: str, files: Iterable[str], *, package: str = "", code_tar: str | None = None) -> Staged:
     """Write the inbound archive: the code, then each file at ``root/<absolute path>``.
 
     ``code_tar`` (from ``code_archive``) is the code as files under ``code/``; without it the
-    ``package`` travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
+    ``package`` file travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
     """
     staged = Staged()
     if code_tar:
         shutil.copyfile(code_tar, archive)
     with tarfile.open(archive, "a" if code_tar else "w", format=tarfile.GNU_FORMAT) as tar:
         if not code_tar:
-            info = tarfile.TarInfo(PACKAGE_MEMBER)
-            info.size = len(package)
+            info = tar.gettarinfo(package, arcname=PACKAGE_MEMBER)
             info.mode = 0o644
-            tar.addfile(info, io.BytesIO(package))
+            with open(package, "rb") as data:
+                tar.addfile(info, data)
         for path in files:
             # Regular files only: directories are created as needed and keep the sandbox's modes.
             tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
@@ -292,3 +313,17 @@ def merge_outputs(archive: str, loc: TaskLocation, known_blobs: set[str] = froze
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     return [path for _, path in pending]
+
+
+def save_task_logs(loc: TaskLocation, attempt: int, logs: dict[str, bytes], source: str = "task") -> None:
+    """Save an attempt's captured logs where Metaflow's local datastore keeps them
+    (``TaskDataStore.save_logs``: ``<task dir>/<attempt>.<source>_<stream>.log``, plain bytes), so
+    ``flow.py logs`` and ``Task.stdout`` read them."""
+    os.makedirs(loc.task_dir, exist_ok=True)
+    for stream, data in logs.items():
+        path = os.path.join(loc.task_dir, f"{attempt}.{source}_{stream}.log")
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=loc.task_dir)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)

@@ -1,0 +1,163 @@
+"""The runtime side of a sandboxed task: Metaflow's command line for the task becomes a ``TaskRequest``
+and the runtime starts the ``launcher`` with it instead of ``flow.py step``.
+
+Layer: plugins (called by the decorator's ``runtime_step_cli``, in the runtime process). Imports:
+metaflow, the core registry, ``plugins.executor`` (``TaskRequest``), ``plugins.staging``,
+``plugins.metadata``, ``plugins.compat``.
+
+Everything the launcher needs is known here, where Metaflow and the flow are loaded already: the
+real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox),
+the datastore location, the environment, labels, limits and the code package, unpacked once per
+package into a cached archive. The request travels as a private file, never on a command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from typing import Any
+
+from metaflow import util
+
+from metaflow_extensions.sandbox.core import Resources, backend_class
+
+from . import compat, staging
+from .executor import TaskRequest
+from .metadata import task_labels
+
+LAUNCHER = "metaflow_extensions.sandbox.plugins.launcher"
+# An argument over ~128 KiB cannot go through ``bash -c``: long input paths travel in variables.
+INPUT_PATHS_CHUNK = 30 * 1024
+_INPUT_PATHS = "__MFSBX_INPUT_PATHS__"
+
+
+def reroute(deco: Any, cli_args: Any, retry_count: int) -> None:
+    """Make the runtime start the launcher for this task (``cli_args``: Metaflow's ``CLIArgs``)."""
+    req = task_request(deco, cli_args, retry_count)
+    fd, path = tempfile.mkstemp(prefix="mfsbx-task-", suffix=".json")  # 0600: may hold env values
+    os.close(fd)
+    req.save(path)
+    # The launcher must run with this Python, which has the backends installed, whatever
+    # interpreter @conda/@pypi chose for the step itself.
+    cli_args.entrypoint = [sys.executable, "-m", LAUNCHER, path]
+    cli_args.top_level_options = {}
+    cli_args.commands = []
+    cli_args.command_args = []
+    cli_args.command_options = {}
+
+
+def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
+    step = cli_args.command_args[0]
+    options = cli_args.command_options
+    run_id, task_id = str(options["run-id"]), str(options["task-id"])
+    user = util.get_username() or "unknown"
+    flow_file = os.path.basename(sys.argv[0])
+    compressed = options.get("input-paths") or ""
+    input_env = chunked("METAFLOW_INPUT_PATHS", compressed)
+    env = {
+        "METAFLOW_USER": user,
+        "METAFLOW_RUN_ID": run_id,
+        "METAFLOW_FLOW_FILENAME": flow_file,
+        "PYTHONUNBUFFERED": "x",
+        **input_env,
+    }
+    root = deco.flow_datastore.datastore_root
+    if os.path.basename(root.rstrip("/")) == ".metaflow":
+        # IncludeFile and other config-derived local paths resolve from the system root.
+        env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(root.rstrip("/"))
+    for other in deco.step_decorators:
+        if other.name == "environment":  # only set on the launcher otherwise
+            env.update({k: str(v) for k, v in other.attributes["vars"].items()})
+    env.update(deco.attributes["env"])
+
+    # Cards: the client reads them from <ds-root>/mf.cards. In the sandbox, Metaflow finds the card
+    # root by walking up from the working directory to a `.metaflow` (METAFLOW_CARD_LOCALROOT is
+    # ignored up to 2.19: get_storage_root returns None when it is set), so the executor links
+    # `.metaflow` in the code directory to the datastore root.
+    card_root = os.path.join(root, "mf.cards")
+    location = staging.TaskLocation(
+        root=root, flow=deco.flow_name, run_id=run_id, step=step, task_id=task_id, card_root=card_root
+    )
+    datatools = _include_file_dir(location.flow)
+    attrs = deco.attributes
+    code_tar, package, extract, extract_env = _code(deco)
+    return TaskRequest(
+        backend=attrs["backend"],
+        backend_options=attrs["options"],
+        step_command=step_command(deco.environment.executable(step), flow_file, cli_args, input_env),
+        location=location,
+        input_paths=util.decompress_list(compressed) if compressed else [],
+        extract_commands=extract,
+        extract_env=extract_env,
+        env=env,
+        labels=task_labels(location.flow, run_id, step, task_id, attempt=retry_count, user=user),
+        hard_limit_s=deco.run_time_limit(deco.step_decorators),
+        attempt=retry_count,
+        package=package,
+        code_tar=code_tar,
+        image=attrs["image"],
+        resources=Resources(cpu=attrs["cpu"], memory_mb=attrs["memory"], disk_mb=attrs["disk"], gpu=attrs["gpu"]),
+        network=attrs["network"],
+        extra_inputs=[datatools] if datatools and os.path.isdir(datatools) else [],
+        retry_delay_s=retry_delay(deco.step_decorators, retry_count),
+    )
+
+
+def chunked(prefix: str, value: str) -> dict[str, str]:
+    """``value`` split over variables ``<prefix>_0``, ``<prefix>_1``... of at most ``INPUT_PATHS_CHUNK``."""
+    return {
+        f"{prefix}_{i // INPUT_PATHS_CHUNK}": value[i : i + INPUT_PATHS_CHUNK]
+        for i in range(0, len(value), INPUT_PATHS_CHUNK)
+    }
+
+
+def step_command(executable: str, flow_file: str, cli_args: Any, input_env: dict[str, str]) -> str:
+    """The runtime's own ``flow.py step`` command line as a shell command run from the unpacked
+    code, with the input paths read from ``input_env``'s variables."""
+    options = cli_args.command_options
+    original = options.get("input-paths")
+    if input_env:
+        options["input-paths"] = _INPUT_PATHS
+    try:
+        args = cli_args.get_args()[len(cli_args.entrypoint) :]
+    finally:
+        options["input-paths"] = original
+    words = " ".join(shlex.quote(str(arg)) for arg in [executable, "-u", flow_file, *args])
+    return words.replace(_INPUT_PATHS, '"' + "".join(f"${{{name}}}" for name in input_env) + '"')
+
+
+def retry_delay(decos: list[Any], retry_count: int) -> int:
+    """``@retry(minutes_between_retries=...)`` is honoured before a sandboxed retry, as with @batch."""
+    if not retry_count:
+        return 0
+    for deco in decos:
+        if deco.name == "retry":
+            return int(float(deco.attributes.get("minutes_between_retries", 2)) * 60)
+    return 0
+
+
+def _code(deco: Any) -> tuple[str | None, str, list[str], dict[str, str]]:
+    """(code archive, package file, extract commands, extract env) of this run's code package.
+    A tarball package is unpacked once per package on this machine into an archive the sandbox
+    extracts in the same pass as the inputs; other formats travel as they are."""
+    sha, pkg_metadata = deco.package_sha, deco.package_metadata or ""
+    extract, extract_env = compat.extract_commands(pkg_metadata, "job.tar")
+    cache = os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-code-{os.getuid()}")
+
+    def load() -> bytes:
+        return compat.package_blob(deco.package)
+
+    if compat.package_is_tar(pkg_metadata):
+        bytecode = backend_class(deco.attributes["backend"]).runs_launcher_python
+        return staging.cached_code_archive(sha, load, cache, bytecode=bytecode), "", extract, extract_env
+    return None, staging.cached_package(sha, load, cache), extract, extract_env
+
+
+def _include_file_dir(flow: str) -> str:
+    """Where IncludeFile keeps this flow's files on the launcher (the task reads them by path)."""
+    from metaflow.plugins.datatools.local import Local
+
+    root = Local.get_root_from_config(lambda *args, **kwargs: None, create_on_absent=False)
+    return os.path.join(root, flow) if root else ""

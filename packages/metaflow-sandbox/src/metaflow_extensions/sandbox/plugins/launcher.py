@@ -1,0 +1,60 @@
+"""``python -m metaflow_extensions.sandbox.plugins.launcher REQUEST``: the launcher of one sandboxed task.
+
+Layer: plugins (the process the runtime starts instead of ``flow.py step``, see ``launch``).
+Imports: the core API, ``plugins.executor`` and the standard library — never metaflow.
+
+Why not ``flow.py sandbox step`` (as ``@batch`` has ``flow.py batch step``): that process imports
+Metaflow and the flow, parses the whole CLI and initialises every decorator, ~0.3-0.6 s that each
+sandboxed task would pay on top of its own ``flow.py step`` in the sandbox. The runtime, which has
+all of that loaded already, writes everything the task needs into a ``TaskRequest`` file; this
+process only creates the sandbox, stages, runs, merges and destroys. A unit test checks that
+importing it loads no Metaflow.
+
+SIGINT and SIGTERM destroy the live sandbox before the launcher exits, so Ctrl-C leaves nothing
+running.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from metaflow_extensions.sandbox.core import destroy_all_live
+
+from .executor import TaskRequest, execute, say
+
+
+def _install_signal_handlers() -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        destroy_all_live()
+        # Unwind (saving the captured logs on the way) and exit like a killed process.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str]) -> int:
+    # The runtime appends the options it gives every task after ours (``--local-config-file``
+    # from 2.13): the task does not need them, it reads its configuration from the code package.
+    if not argv:
+        say("usage: python -m metaflow_extensions.sandbox.plugins.launcher REQUEST (started by Metaflow's runtime)")
+        return 2
+    _install_signal_handlers()
+    try:
+        req = TaskRequest.load(argv[0])
+    finally:
+        # Written for this process only (it may hold @sandbox(env=...) values): read once, then gone.
+        Path(argv[0]).unlink(missing_ok=True)
+    if req.retry_delay_s:
+        minutes = req.retry_delay_s / 60
+        say(f"Sleeping {minutes:g} minutes before the next sandbox retry (@retry minutes_between_retries).")
+        time.sleep(req.retry_delay_s)
+    return execute(req)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
