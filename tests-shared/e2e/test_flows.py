@@ -93,6 +93,19 @@ def test_graph_shapes_large_artifact_card_retry_catch_timeout(flowdir, backend_n
     assert flowdir.live_sandboxes("branching_flow.py") == []
 
 
+@pytest.mark.skipif(
+    tuple(int(p) for p in importlib.metadata.version("metaflow").split(".")[:3]) < (2, 12, 37),
+    reason="Config arrived in Metaflow 2.12.37",
+)
+def test_config_values_reach_the_sandboxed_step(flowdir, backend_name):
+    # Values given on the command line travel in the code package, not in the runtime's local file.
+    flowdir.run("config_flow.py", "--config-value", "settings", '{"rate": 7, "name": "from-cli"}', "run")
+    run = flowdir.inspect("ConfigFlow")
+    start = task(run, "start")
+    assert (start["artifacts"]["rate"], start["artifacts"]["name"]) == (7, "from-cli")
+    assert start["sandbox"]["sandbox-backend"] == backend_name
+
+
 def test_user_exception_fails_the_run_after_retries(flowdir):
     proc = flowdir.run("failing_flow.py", "run", "--mode", "exception", ok=False)
     assert "boom-user-error" in proc.stdout + proc.stderr
