@@ -215,7 +215,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: flows plain vs sandboxed (writes docs/benchmarks.md), and each backend's fixed cost."""
     backends = [b for b in BACKENDS if b != "local"]
     shorts = dict.fromkeys(["core", "plugins", *(p for b in backends for p in BACKEND_PACKAGES[b])])
-    session.install("metaflow", *TEST_DEPS.get("daytona", []), *wheels(session, *shorts))
+    emulators = [dep for b in backends for dep in TEST_DEPS[b]]
+    session.install("metaflow", "pytest", *emulators, *wheels(session, *shorts))  # pytest: the emulator fixtures
     session.run("python", "tests-shared/bench/bench_sandbox.py", "--out", "docs/benchmarks.md", *session.posargs)
     session.run("python", "tests-shared/bench/bench_backend_overhead.py")
 

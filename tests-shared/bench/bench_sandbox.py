@@ -4,17 +4,22 @@ Layer: tests-shared/bench (a script; ``nox -s bench`` runs it). Imports: the sta
 (Metaflow runs in subprocesses).
 
     python tests-shared/bench/bench_sandbox.py --out docs/benchmarks.md [--repeat 3]
+    python tests-shared/bench/bench_sandbox.py --backend daytona --only linear_flow.py
 
 Flows: a 5-step linear flow; a foreach over 64 items with ``--max-workers 16``; a 256 MiB
 artifact produced by a step and read by the next. Each is timed end to end (``flow.py run``
 wall time, median of ``--repeat`` runs), plain and sandboxed. The per-task overhead is
 (sandboxed - plain) / tasks of the linear flow, whose tasks run one at a time; the launcher's
 per-phase timings (``METAFLOW_SANDBOX_TIMINGS``) are reported too. No assertions: numbers only.
+
+``--backend daytona|e2b`` runs the sandboxed flows on that backend against its wire emulator
+(latency 0), started here: the provider backends' own per-task cost, next to the same plain runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -24,7 +29,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLOWS = {
     "linear_flow.py": """
@@ -113,14 +121,29 @@ CASES = [
     ("foreach_flow.py", "foreach x64, --max-workers 16", 67, ["--max-workers", "16"]),
     ("big_flow.py", "256 MiB artifact (3 steps)", 3, []),
 ]
-SANDBOX = ["--with", "sandbox:backend=local"]
 TIMINGS = re.compile(r"sandbox timings: (.*)")
 ANALYSIS = "## Reading these numbers"
 
 
-def run(workdir: Path, flow: str, extra: list[str], sandboxed: bool) -> tuple[float, list[dict[str, float]]]:
-    cmd = [sys.executable, flow, "--no-pylint", *(SANDBOX if sandboxed else []), "run", *extra]
-    env = {**os.environ, "USERNAME": "bench", "METAFLOW_SANDBOX_TIMINGS": "1"}
+@contextlib.contextmanager
+def backend_env(backend: str) -> Iterator[dict[str, str]]:
+    """The environment sandboxed runs need: nothing for ``local``, an emulator for the others."""
+    if backend == "local":
+        yield {}
+        return
+    from importlib import import_module
+
+    from sandbox_testing.emulators import start_emulator
+
+    with start_emulator(backend) as url:
+        yield import_module(f"sandbox_testing.{backend}").emulator_env(url)
+
+
+def run(
+    workdir: Path, flow: str, extra: list[str], sandbox: list[str], env: dict[str, str]
+) -> tuple[float, list[dict[str, float]]]:
+    cmd = [sys.executable, flow, "--no-pylint", *sandbox, "run", *extra]
+    env = {**os.environ, **env, "USERNAME": "bench", "METAFLOW_SANDBOX_TIMINGS": "1"}
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False)
     elapsed = time.monotonic() - start
@@ -137,12 +160,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as Markdown here")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="flow files to run (default: all)")
+    parser.add_argument("--backend", default="local", choices=["local", "daytona", "e2b"])
     args = parser.parse_args()
+    sandbox = ["--with", f"sandbox:backend={args.backend}"]
 
     rows = []
     phases: dict[str, list[float]] = defaultdict(list)
     per_task_overheads = []
-    with tempfile.TemporaryDirectory(prefix="mfsbx-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mfsbx-bench-") as tmp, backend_env(args.backend) as env:
         workdir = Path(tmp)
         for name, text in FLOWS.items():
             (workdir / name).write_text(text)
@@ -151,8 +176,8 @@ def main() -> None:
                 continue
             plain, sandboxed = [], []
             for _ in range(args.repeat):
-                plain.append(run(workdir, flow, extra, sandboxed=False)[0])
-                elapsed, task_phases = run(workdir, flow, extra, sandboxed=True)
+                plain.append(run(workdir, flow, extra, [], {})[0])
+                elapsed, task_phases = run(workdir, flow, extra, sandbox, env)
                 sandboxed.append(elapsed)
                 if flow == "linear_flow.py":
                     per_task_overheads.append((elapsed - plain[-1]) / tasks * 1000)
@@ -166,15 +191,17 @@ def main() -> None:
     overhead = statistics.median(per_task_overheads) if per_task_overheads else float("nan")
     print(f"per-task overhead (linear flow, median): {overhead:.0f} ms")
     if args.out:
-        write_markdown(args.out, rows, overhead, phases, args.repeat)
+        write_markdown(args.out, rows, overhead, phases, args.repeat, args.backend)
 
 
-def write_markdown(out: Path, rows, overhead: float, phases: dict[str, list[float]], repeat: int) -> None:
+def write_markdown(  # noqa: PLR0917 - one call site
+    out: Path, rows, overhead: float, phases: dict[str, list[float]], repeat: int, backend: str
+) -> None:
     import metaflow
 
     isolation = os.environ.get("METAFLOW_SANDBOX_LOCAL_ISOLATION", "auto")
     lines = [
-        "# Benchmarks: `@sandbox` on the local backend",
+        f"# Benchmarks: `@sandbox` on the {backend} backend",
         "",
         "Reproduce with `nox -s bench` (or "
         "`python tests-shared/bench/bench_sandbox.py --out docs/benchmarks.md` in an environment "
@@ -184,7 +211,7 @@ def write_markdown(out: Path, rows, overhead: float, phases: dict[str, list[floa
         f"{platform.python_version()}, Metaflow {metaflow.__version__}, local isolation `{isolation}`, "
         f"local datastore. Wall time of `python flow.py run`, median of {repeat} runs.",
         "",
-        "| flow | plain (s) | `--with sandbox:backend=local` (s) | ratio |",
+        f"| flow | plain (s) | `--with sandbox:backend={backend}` (s) | ratio |",
         "|---|---:|---:|---:|",
         *(f"| {label} | {p:.2f} | {s:.2f} | {s / p:.2f}x |" for label, p, s, _ in rows),
         "",

@@ -105,6 +105,25 @@ def test_isolation_from_environment_variable(monkeypatch):
         get_backend("local")
 
 
+def test_sandboxes_are_spread_over_the_filesystem(tmp_path):
+    # On ext4 the root carries the top-directory flag (see local.backend.spread_subdirectories).
+    import fcntl
+
+    from metaflow_extensions.sandbox.core.local import backend as local
+
+    root = tmp_path / "spread"
+    with get_backend("local", isolation="process", root=root).create(SandboxSpec()):
+        pass
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, local._FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+    except OSError as e:
+        pytest.skip(f"{root} is on a filesystem without inode flags ({e})")
+    finally:
+        os.close(fd)
+    assert flags & local._FS_TOPDIR_FL
+
+
 def test_image_is_refused_by_local(sandbox_root):
     with pytest.raises(ConfigurationError, match="no images"):
         get_backend("local", root=sandbox_root).create(SandboxSpec(image="python:3.11"))

@@ -138,7 +138,9 @@ def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[s
 def code_archive(package: bytes, path: str, *, bytecode: bool = False) -> str:
     """Write the code package's files under ``code/`` as a plain tar at ``path`` (atomically) and
     return ``path``. Built once per package and reused by every task: the sandbox then unpacks
-    code and data in one pass, without decompressing.
+    code and data in one pass, without decompressing. The archive stops before tar's
+    end-of-archive blocks, so each task appends its inputs where the code ends (``build_inputs``)
+    instead of re-reading ~1,000 member headers to find the end (~20 ms per task).
 
     ``bytecode``: also ship each module compiled for this interpreter (only useful when the
     sandbox runs this same interpreter). The package carries Metaflow itself, which the task
@@ -164,6 +166,9 @@ def code_archive(package: bytes, path: str, *, bytecode: bool = False) -> str:
                     pyc = tarfile.TarInfo(f"{folder}/__pycache__/{module[:-3]}.{sys.implementation.cache_tag}.pyc")
                     pyc.size, pyc.mtime, pyc.mode = len(compiled), member.mtime, 0o644
                     tar.addfile(pyc, io.BytesIO(compiled))
+            end = tar.offset  # where the members end and the end-of-archive blocks begin
+            tar.close()
+            out.truncate(end)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -189,7 +194,8 @@ def cached_code_archive(
 ) -> str:
     """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use."""
     flavour = f"-{sys.implementation.cache_tag}" if bytecode else ""
-    path = os.path.join(cache_dir, f"{package_sha}{flavour}.tar")
+    # "open": without end-of-archive blocks (see code_archive); older cached archives had them.
+    path = os.path.join(cache_dir, f"{package_sha}{flavour}.open.tar")
     return _cached(path, lambda: code_archive(load(), path, bytecode=bytecode), max_age_s)
 
 
@@ -230,19 +236,22 @@ def build_inputs(archive: str, files: Iterable[str], *, package: str = "", code_
     ``package`` file travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
     """
     staged = Staged()
-    if code_tar:
-        shutil.copyfile(code_tar, archive)
-    with tarfile.open(archive, "a" if code_tar else "w", format=tarfile.GNU_FORMAT) as tar:
-        if not code_tar:
-            info = tar.gettarinfo(package, arcname=PACKAGE_MEMBER)
-            info.mode = 0o644
-            with open(package, "rb") as data:
-                tar.addfile(info, data)
-        for path in files:
-            # Regular files only: directories are created as needed and keep the sandbox's modes.
-            tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
-            staged.files.append(path)
-            staged.bytes += os.path.getsize(path)
+    with open(archive, "wb") as out:
+        if code_tar:
+            with open(code_tar, "rb") as code:
+                shutil.copyfileobj(code, out)
+        # Members are written from the current position on: after the code, or from the start.
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            if not code_tar:
+                info = tar.gettarinfo(package, arcname=PACKAGE_MEMBER)
+                info.mode = 0o644
+                with open(package, "rb") as data:
+                    tar.addfile(info, data)
+            for path in files:
+                # Regular files only: directories are created as needed and keep the sandbox's modes.
+                tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
+                staged.files.append(path)
+                staged.bytes += os.path.getsize(path)
     return staged
 
 

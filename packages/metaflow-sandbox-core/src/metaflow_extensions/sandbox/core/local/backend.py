@@ -17,6 +17,7 @@ or ``list`` (the local stand-in for a provider-side lifetime).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ from .isolation import WORKDIR, base_env, bwrap_prefix, prepare_rootfs, resolve_
 from .processes import Stopped, kill_tree, stream_process
 
 ROOT_ENV = "METAFLOW_SANDBOX_LOCAL_ROOT"
+# ext4's "top directory" inode flag (FS_TOPDIR_FL) and the ioctls that read and set inode flags.
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
 _NOT_FOUND_EXIT = 44  # the download helper's "no such file" exit code
 _UPLOAD = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
 _DOWNLOAD = f'[ -f "$1" ] || exit {_NOT_FOUND_EXIT}; exec cat -- "$1"'
@@ -184,6 +187,25 @@ def _remove_sandbox_dir(directory: Path) -> None:
     _rmtree(trash)
 
 
+def spread_subdirectories(directory: Path) -> None:
+    """Ask ext4 to place each sandbox in its own block group, as it does for top-level directories.
+
+    ext4 allocates a subdirectory's inodes near its parent's and, for a minute, skips inodes freed
+    recently. A sandbox unpacks ~1,000 files (the code package) and its destroy frees them, so
+    sandboxes created one after another under one parent scan ever longer runs of just-freed
+    inodes: unpacking took 0.3 s to 0.9 s instead of 35 ms in the linear benchmark flow. Best
+    effort: other filesystems do not know the flag, and nothing depends on it.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+            if not flags & _FS_TOPDIR_FL:
+                fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(4, "little") + bytes(4))
+        finally:
+            os.close(fd)
+
+
 class LocalBackend(SandboxBackend):
     """Sandboxes on this machine. ``isolation``: ``auto`` (bubblewrap if usable, else processes
     with a warning), ``bwrap`` (required) or ``process`` (no isolation); default from
@@ -213,6 +235,8 @@ class LocalBackend(SandboxBackend):
                 remedy="Install bubblewrap (sudo apt-get install -y bubblewrap) or allow network access.",
             )
         self._reap()
+        self.root.mkdir(parents=True, exist_ok=True)
+        spread_subdirectories(self.root)
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
         directory = self.root / sandbox_id
         (directory / "pids").mkdir(parents=True, mode=0o700)
