@@ -52,8 +52,15 @@ class FlowDir:
         )
         # Kept for the failure report (the tail: that is where errors are).
         self.outputs.append(f"$ {flow} {' '.join(args)}\n{(proc.stdout + proc.stderr)[-20000:]}")
-        assert (proc.returncode == 0) == ok, f"exit code {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        if (proc.returncode == 0) != ok:
+            pytest.fail(f"exit code {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{self.saved_logs()}")
         return proc
+
+    def saved_logs(self) -> str:
+        """Every log file in the datastore (task and runtime, all attempts): what a failure report
+        needs when the console lost a line."""
+        logs = sorted(self.path.glob(".metaflow/*/*/*/*/*.log"))
+        return "\n".join(f"--- {p.relative_to(self.path)}\n{p.read_text(errors='replace')[-5000:]}" for p in logs)
 
     def start(self, flow: str, *args: str) -> subprocess.Popen[str]:
         """Start ``flow.py *args`` in its own process group (so it can be sent Ctrl-C)."""
