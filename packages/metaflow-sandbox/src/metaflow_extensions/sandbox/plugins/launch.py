@@ -7,12 +7,15 @@ metaflow, the core registry, ``plugins.executor`` (``TaskRequest``), ``plugins.s
 
 Everything the launcher needs is known here, where Metaflow and the flow are loaded already: the
 real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox),
-the datastore location, the environment, labels, limits and the code package, unpacked once per
-package into a cached archive. The request travels as a private file, never on a command line.
+the datastore location, the environment, labels, limits and the code package (from memory: the
+runtime holds it), unpacked once per package into a cached archive. The request travels as a
+private file, never on a command line.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shlex
 import sys
@@ -139,20 +142,22 @@ def retry_delay(decos: list[Any], retry_count: int) -> int:
 
 
 def _code(deco: Any) -> tuple[str | None, str, list[str], dict[str, str]]:
-    """(code archive, package file, extract commands, extract env) of this run's code package.
-    A tarball package is unpacked once per package on this machine into an archive the sandbox
+    """(code archive, package file, extract commands, extract env) of this run's code package."""
+    return _package_files(deco.package, backend_class(deco.attributes["backend"]).runs_launcher_python)
+
+
+@functools.cache  # once per run: the runtime asks for every task
+def _package_files(package: Any, bytecode: bool) -> tuple[str | None, str, list[str], dict[str, str]]:
+    """A tarball package is unpacked once per package on this machine into an archive the sandbox
     extracts in the same pass as the inputs; other formats travel as they are."""
-    sha, pkg_metadata = deco.package_sha, deco.package_metadata or ""
+    blob = compat.package_blob(package)
+    digest = hashlib.sha1(blob).hexdigest()  # a cache key: the datastore's own content address
+    pkg_metadata = compat.package_metadata(package)
     extract, extract_env = compat.extract_commands(pkg_metadata, "job.tar")
     cache = os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-code-{os.getuid()}")
-
-    def load() -> bytes:
-        return compat.package_blob(deco.package)
-
     if compat.package_is_tar(pkg_metadata):
-        bytecode = backend_class(deco.attributes["backend"]).runs_launcher_python
-        return staging.cached_code_archive(sha, load, cache, bytecode=bytecode), "", extract, extract_env
-    return None, staging.cached_package(sha, load, cache), extract, extract_env
+        return staging.cached_code_archive(digest, lambda: blob, cache, bytecode=bytecode), "", extract, extract_env
+    return None, staging.cached_package(digest, lambda: blob, cache), extract, extract_env
 
 
 def _include_file_dir(flow: str) -> str:

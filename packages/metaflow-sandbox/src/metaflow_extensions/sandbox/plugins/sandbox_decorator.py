@@ -4,8 +4,8 @@ Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, 
 ``plugins.metadata``; the core registry lazily (only where the launcher validates the backend).
 
 This module is imported at every ``import metaflow``, in every task too: keep it light. The
-decorator validates in ``step_init``, saves the code package once per run, and reroutes the task
-to the ``launcher`` (``launch.reroute``), which does the actual work.
+decorator validates in ``step_init`` and reroutes the task to the ``launcher``
+(``launch.reroute``), which does the actual work.
 """
 
 from __future__ import annotations
@@ -113,10 +113,6 @@ class SandboxDecorator(StepDecorator):
     }
     # The backend an alias stands for; None for @sandbox itself.
     alias_of: ClassVar[str | None] = None
-
-    # One code package per run, shared by every sandboxed step (as @batch does).
-    package_sha: ClassVar[str | None] = None
-    package_metadata: ClassVar[str | None] = None
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -239,21 +235,6 @@ class SandboxDecorator(StepDecorator):
 
     def runtime_init(self, flow: Any, graph: Any, package: Any, run_id: str) -> None:
         self.package = package
-
-    def runtime_task_created(  # noqa: PLR0917 - Metaflow hook signature
-        self, task_datastore: Any, task_id: str, split_index: Any, input_paths: Any, is_cloned: bool, ubf_context: Any
-    ) -> None:
-        if not is_cloned and not self.inert:
-            self._save_package_once(self.flow_datastore, self.package)
-
-    @classmethod
-    def _save_package_once(cls, flow_datastore: Any, package: Any) -> None:
-        from .compat import package_blob, package_metadata
-
-        if cls.package_sha is None:
-            _url, sha = flow_datastore.save_data([package_blob(package)], len_hint=1)[0]
-            SandboxDecorator.package_sha = sha
-            SandboxDecorator.package_metadata = package_metadata(package)
 
     def runtime_step_cli(self, cli_args: Any, retry_count: int, max_user_code_retries: int, ubf_context: Any) -> None:
         if self.inert or retry_count > max_user_code_retries:

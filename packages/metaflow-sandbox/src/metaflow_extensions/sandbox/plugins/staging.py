@@ -205,10 +205,7 @@ def cached_package(package_sha: str, load: Callable[[], bytes], cache_dir: str, 
 
     def write() -> str:
         os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".pkg-", dir=cache_dir)
-        with os.fdopen(fd, "wb") as out:
-            out.write(load())
-        os.replace(tmp, path)
+        _write_atomically(path, load())
         return path
 
     return _cached(path, write, max_age_s)
@@ -330,9 +327,17 @@ def save_task_logs(loc: TaskLocation, attempt: int, logs: dict[str, bytes], sour
     ``flow.py logs`` and ``Task.stdout`` read them."""
     os.makedirs(loc.task_dir, exist_ok=True)
     for stream, data in logs.items():
-        path = os.path.join(loc.task_dir, f"{attempt}.{source}_{stream}.log")
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=loc.task_dir)
+        _write_atomically(os.path.join(loc.task_dir, f"{attempt}.{source}_{stream}.log"), data, mode=0o644)
+
+
+def _write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
+    """``path`` appears whole with ``data`` or not at all (a temporary file, renamed into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
