@@ -5,7 +5,9 @@ Layer: tests-shared. Imports: pytest, the standard library and core.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -70,6 +72,40 @@ class TestLocalBwrap(BackendConformance):
         assert not inside.parent.exists()
         assert sandbox.run(f"touch {sys.prefix}/lib/evil").exit_code != 0
 
+    # -- what a hostile step tries (docs/security.md) ----------------------------------------
+
+    def test_no_capabilities_and_read_only_mounts_stay_read_only(self, sandbox):
+        # As root on the host, bubblewrap would keep root's capabilities: remount the launcher's
+        # Python environment writable and plant a file in it.
+        target = f"{sys.prefix}/bin"
+        planted = Path(target) / f"mfsbx-planted-{os.getpid()}"
+        res = sandbox.run(
+            f"grep CapEff /proc/self/status; mount -o remount,rw,bind {target} 2>&1; "
+            f"mount -o remount,rw /usr 2>&1; touch {planted} /usr/planted 2>&1 || echo refused"
+        )
+        assert res.stdout.splitlines()[0].split() == ["CapEff:", "0000000000000000"]
+        assert res.stdout.rstrip().endswith("refused")
+        assert not planted.exists() and not Path("/usr/planted").exists()
+
+    def test_a_step_runs_as_an_unprivileged_user_and_sees_only_the_etc_it_needs(self, sandbox):
+        from metaflow_extensions.sandbox.core.local.isolation import SANDBOX_UID, user_namespaces
+
+        if user_namespaces():
+            assert sandbox.run("id -u").stdout == f"{SANDBOX_UID}\n"
+        # Password hashes, sudo rules and credentials of the host are not there at all.
+        for secret in ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/pip.conf", "/etc/ssh"):
+            assert sandbox.run(f"test -e {secret}").exit_code != 0, f"{secret} is visible in the sandbox"
+        assert sorted(sandbox.run("cut -d: -f1 /etc/passwd").stdout.split()) == ["nobody", "root", "sandbox"]
+        # What programs need is there, as the host has it: TLS roots, name resolution, the linker.
+        for needed in ("/etc/ssl/certs/ca-certificates.crt", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ld.so.cache"):
+            if os.path.isfile(needed):
+                digest = hashlib.sha256(Path(needed).read_bytes()).hexdigest()
+                assert sandbox.run(f"sha256sum {needed}").stdout.split()[0] == digest, needed
+
+    def test_sandboxes_live_in_a_directory_only_their_owner_can_enter(self, backend, sandbox):
+        # Files a step makes are its host user's (setuid bits included): no other user may reach them.
+        assert stat.S_IMODE(backend.root.stat().st_mode) == 0o700
+
     def test_sandbox_of_a_dead_owner_is_reaped(self, backend, sandbox_root):
         owner = textwrap.dedent(f"""
             from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
@@ -91,6 +127,13 @@ class TestLocalProcess(BackendConformance):
     @pytest.fixture
     def backend(self, sandbox_root):
         return get_backend("local", isolation="process", root=sandbox_root)
+
+    def test_a_daemon_a_command_starts_never_outlives_it(self, sandbox):
+        # setsid leaves the process group and, once its parent exits, init adopts it: only the
+        # supervisor (a subreaper) still sees it.
+        res = sandbox.run("setsid nohup sleep 681 >/dev/null 2>&1 & (setsid sleep 682 &) ; echo started")
+        assert res.stdout == "started\n"
+        assert _sleepers("68") == []
 
     def test_network_false_is_refused_without_bwrap(self, backend):
         with pytest.raises(ConfigurationError, match="bubblewrap"):
@@ -143,9 +186,9 @@ with backend.create(SandboxSpec(labels={"owner": "interrupted"})) as sbx:
 
 def _sleepers(marker: str) -> list[str]:
     found = []
-    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+    for cmdline_file in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            cmdline = stat.read_bytes().replace(b"\0", b" ").decode()
+            cmdline = cmdline_file.read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if cmdline.startswith(f"sleep {marker}"):

@@ -17,6 +17,7 @@ or ``list`` (the local stand-in for a provider-side lifetime).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any
 from ..backend import Sandbox, SandboxBackend
 from ..errors import CommandTimeout, ConfigurationError, SandboxError, SandboxFileNotFound, SandboxUnavailable
 from ..spec import SandboxInfo, SandboxSpec
-from .isolation import WORKDIR, base_env, bwrap_prefix, prepare_rootfs, resolve_isolation
+from .isolation import WORKDIR, base_env, bwrap_prefix, prepare_rootfs, resolve_isolation, supervisor_prefix
 from .processes import Stopped, kill_tree, stream_process
 
 ROOT_ENV = "METAFLOW_SANDBOX_LOCAL_ROOT"
@@ -59,8 +60,17 @@ def _rmtree(path: Path) -> None:
         os.chmod(os.path.dirname(failed), 0o700)
         func(failed)
 
-    if path.exists():
-        shutil.rmtree(path, onerror=make_writable_and_retry)
+    # A killed process may still finish the system call it was in (bwrap creating a mount point):
+    # a directory that is not empty yet is tried again, briefly.
+    for delay in (0.05, 0.2, 0.5, None):
+        try:
+            if path.exists():
+                shutil.rmtree(path, onerror=make_writable_and_retry)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY or delay is None:
+                raise
+            time.sleep(delay)
 
 
 class LocalSandbox(Sandbox):
@@ -78,7 +88,7 @@ class LocalSandbox(Sandbox):
             self._prefix = bwrap_prefix(self._rootfs, network=spec.network)
             self._env = base_env(home=WORKDIR, tmpdir="/tmp")
         else:
-            self._prefix = []
+            self._prefix = supervisor_prefix()
             self._env = base_env(home=str(self._workdir), tmpdir=str(self._rootfs / "tmp"))
 
     @property
@@ -170,6 +180,24 @@ class LocalSandbox(Sandbox):
         _remove_sandbox_dir(self.directory)
 
 
+def _bubblewraps_of(rootfs: Path) -> list[int]:
+    """Every bubblewrap process of the sandbox whose root is ``rootfs``, found by its command line.
+
+    The pid files name only the outer bwrap of each command. If the launcher dies while bwrap is
+    still setting up, the outer one dies with it before the inner one (the pid namespace's init)
+    has armed its own parent-death signal; the inner one, re-parented to init, is then out of
+    reach of a walk down from the pid file. Killing it ends its whole pid namespace.
+    """
+    needle = f"\0--bind\0{rootfs}\0/\0".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in b"\0" + Path(entry.path, "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
 def _remove_sandbox_dir(directory: Path) -> None:
     """Kill what runs in the sandbox at ``directory`` (from any process), then delete it."""
     for pid_file in (directory / "pids").glob("*"):
@@ -179,6 +207,8 @@ def _remove_sandbox_dir(directory: Path) -> None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             if str(directory).encode() in cmdline or os.readlink(f"/proc/{pid}/cwd").startswith(str(directory)):
                 kill_tree(pid)
+    for pid in _bubblewraps_of(directory / "fs"):
+        kill_tree(pid)
     trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex[:6]}")
     try:
         directory.rename(trash)  # list() never sees a half-deleted sandbox
@@ -235,7 +265,11 @@ class LocalBackend(SandboxBackend):
                 remedy="Install bubblewrap (sudo apt-get install -y bubblewrap) or allow network access.",
             )
         self._reap()
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Private to its owner: files a sandbox makes are its user's on the host (setuid bits
+        # included), so no other user of this machine may reach them.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.root.stat().st_uid == os.getuid():
+            self.root.chmod(0o700)
         spread_subdirectories(self.root)
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
         directory = self.root / sandbox_id

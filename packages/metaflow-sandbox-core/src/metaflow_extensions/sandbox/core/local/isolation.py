@@ -3,10 +3,15 @@
 Layer: core/local. Imports: the standard library and ``core.errors``.
 
 Under bubblewrap a sandbox's private directory becomes its root filesystem (so any absolute path
-can be created inside it, privately), the system directories and the launcher's Python
-environment are mounted read-only on top, and the process gets its own mount, pid, ipc and uts
-namespaces (and network namespace when ``network=False``). The user's home and the launcher's
-working directory are simply never mounted.
+can be created inside it, privately), the system directories, the parts of ``/etc`` a program
+needs and the launcher's Python environment are mounted read-only on top, and the process gets its
+own mount, pid, ipc and uts namespaces (and network namespace when ``network=False``). The user's
+home and the launcher's working directory are simply never mounted.
+
+Commands hold no capabilities and run as the unprivileged ``sandbox`` user (uid 1000) of a user
+namespace of their own where the kernel allows one, so that "root on the host" reaches nothing more
+than "a user on the host" does: no remounting the read-only mounts writable, no reading files that
+only root's capabilities would open. ``docs/security.md`` has the whole threat model.
 """
 
 from __future__ import annotations
@@ -26,8 +31,27 @@ ISOLATION_MODES = ("auto", "bwrap", "process")
 WORKDIR = "/home/sandbox"
 """The working directory inside a bubblewrap sandbox (and ``HOME``)."""
 
+SANDBOX_UID = 1000
+"""The uid and gid commands run as inside a bubblewrap sandbox (in their own user namespace)."""
+
 # Read-only system paths; merged-/usr systems have symlinks here, which are recreated as such.
-_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/sys")
+# What programs read from /etc: name resolution, TLS roots, time zone, the dynamic linker, Debian's
+# alternatives, MIME types, locale aliases, fonts, the system Python's site configuration. Never
+# the whole /etc: it holds password hashes (shadow), host keys and credentials (pip.conf, ...).
+# passwd and group are written per sandbox instead (only the sandbox user, root and nobody).
+_ETC_ALLOWED = (
+    "alternatives", "ca-certificates", "crypto-policies", "debian_version", "fonts", "gai.conf",
+    "host.conf", "hosts", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "locale.alias", "localtime",
+    "mime.types", "nsswitch.conf", "os-release", "pki", "protocols", "resolv.conf", "services", "ssl",
+    "timezone", f"python{sys.version_info.major}.{sys.version_info.minor}",
+)  # fmt: skip
+_ETC_PASSWD = (
+    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+    f"sandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:sandbox:/home/sandbox:/bin/bash\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+_ETC_GROUP = f"root:x:0:\nsandbox:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"
 _INSTALL_BWRAP = "Install bubblewrap (Debian/Ubuntu: sudo apt-get install -y bubblewrap)"
 
 
@@ -50,6 +74,17 @@ def bwrap_problem() -> str | None:
     if probe.returncode != 0:
         return f"bubblewrap is installed but cannot create namespaces here ({probe.stderr.strip()})"
     return None
+
+
+@cache
+def user_namespaces() -> bool:
+    """Whether bubblewrap can give commands a user namespace of their own here (checked once per
+    process). Where the kernel refuses (hardened or old kernels), commands still hold no
+    capabilities, but run as the launcher's own uid."""
+    bwrap = shutil.which("bwrap") or "bwrap"
+    ids = ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    argv = [bwrap, "--ro-bind", "/", "/", "--unshare-user", *ids, "--cap-drop", "ALL", "true"]
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
 
 _warned = False
@@ -102,11 +137,16 @@ def python_paths() -> list[str]:
 
 
 def prepare_rootfs(rootfs: Path) -> None:
-    """Recreate the system's top-level symlinks (merged /usr) in a new sandbox's root once; bwrap's
-    own ``--symlink`` would fail on every later command because the link then exists."""
+    """Recreate the system's top-level symlinks (merged /usr) in a new sandbox's root once (bwrap's
+    own ``--symlink`` would fail on every later command because the link then exists), and write
+    the sandbox's own ``/etc/passwd`` and ``/etc/group``."""
     for path in _SYSTEM_PATHS:
         if os.path.islink(path):
             (rootfs / path.lstrip("/")).symlink_to(os.readlink(path))
+    etc = rootfs / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "passwd").write_text(_ETC_PASSWD)
+    (etc / "group").write_text(_ETC_GROUP)
 
 
 def bwrap_prefix(rootfs: Path, *, network: bool) -> list[str]:
@@ -115,15 +155,30 @@ def bwrap_prefix(rootfs: Path, *, network: bool) -> list[str]:
     for path in _SYSTEM_PATHS:
         if os.path.isdir(path) and not os.path.islink(path):
             argv += ["--ro-bind", path, path]
+    for name in _ETC_ALLOWED:
+        path = f"/etc/{name}"
+        if os.path.exists(path):  # a dangling symlink (resolv.conf of a stopped resolver) is skipped
+            argv += ["--ro-bind", path, path]
     for path in python_paths():
         argv += ["--ro-bind", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev", "--dir", "/tmp", "--dir", WORKDIR, "--chdir", WORKDIR]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    if user_namespaces():
+        argv += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    # bwrap keeps root's capabilities when started by root: drop them all, whoever starts it.
+    argv += ["--cap-drop", "ALL"]
     if not network:
         argv.append("--unshare-net")
     # The sandbox dies with its launcher even on SIGKILL, and cannot push input to our terminal.
     argv += ["--die-with-parent", "--new-session"]
     return argv
+
+
+def supervisor_prefix() -> list[str]:
+    """The command line that runs what follows it as a process-mode sandbox's command (see
+    ``supervisor``): no isolation, but nothing the command starts outlives it."""
+    script = str(Path(__file__).with_name("supervisor.py"))
+    return [sys.executable, "-I", "-S", script, str(os.getpid())]
 
 
 def base_env(home: str, tmpdir: str) -> dict[str, str]:
