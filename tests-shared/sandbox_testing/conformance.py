@@ -104,6 +104,18 @@ class BackendConformance:
         assert res.stdout == "spec cmd unset\n"
         assert again.stdout == "spec\n"
 
+    def test_env_names_are_never_shell_code_and_values_arrive_verbatim(self, backend: SandboxBackend, labels):
+        # Backends export variables in shell scripts: a name must not be able to run code there.
+        injected = {"X; echo INJECTED >&2; Y": "v"}
+        with pytest.raises(ConfigurationError, match="not a valid environment variable name"):
+            backend.create(self.spec(env=injected, labels=labels))
+        hostile = "$(echo INJECTED) `echo INJECTED` ; echo INJECTED ' \" \\ \n$HOME ${A:-x}"
+        with backend.create(self.spec(env={"SPEC_V": hostile}, labels=labels)) as sbx:
+            with pytest.raises(ConfigurationError, match="not a valid environment variable name"):
+                sbx.run("true", env=injected)
+            res = sbx.run('printf "%s|%s" "$SPEC_V" "$CMD_V"', env={"CMD_V": hostile})
+        assert res.stdout == f"{hostile}|{hostile}" and "INJECTED" not in res.stderr
+
     def test_timeout_raises_and_kills_the_process_tree(self, sandbox: Sandbox):
         with pytest.raises(CommandTimeout) as info:
             sandbox.run("echo started; sleep 271 & sleep 272; echo never", timeout_s=2)

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from .errors import ConfigurationError, SandboxError, SandboxUnavailable
-from .spec import CommandResult, SandboxInfo, SandboxSpec
+from .spec import CommandResult, SandboxInfo, SandboxSpec, check_env
 
 LineCallback = Callable[[str], None]
 """Receives one line of output, without its trailing newline."""
@@ -135,7 +135,7 @@ class Sandbox(ABC):
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigurationError(f"timeout_s must be positive or None; got {timeout_s!r}.")
         out, err = LineSplitter(on_stdout), LineSplitter(on_stderr)
-        merged_env = {**self.spec.env, **(env or {})}
+        merged_env = {**self.spec.env, **check_env(env or {}, "Sandbox.run(env=...)")}
         exit_code = self._run(command, env=merged_env, timeout_s=timeout_s, on_stdout=out.feed, on_stderr=err.feed)
         return CommandResult(exit_code=exit_code, stdout=out.close(), stderr=err.close())
 
@@ -222,6 +222,9 @@ class SandboxBackend(ABC):
     """
 
     name: ClassVar[str]
+    #: Options that carry credentials, each with the environment variable to set instead. Callers
+    #: that persist their options (Metaflow saves decorator attributes with the run) refuse them.
+    secret_options: ClassVar[Mapping[str, str]] = {}
     #: Whether commands in its sandboxes run under the launcher's own Python interpreter, so that
     #: bytecode compiled by the launcher is valid there (callers may then ship ``.pyc`` files).
     runs_launcher_python: ClassVar[bool] = False

@@ -8,11 +8,16 @@ is created, with a message that names the parameter to fix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .errors import ConfigurationError
+
+# What POSIX shells accept as a variable name. Backends build ``export NAME=...`` lines: a name
+# outside this set would be shell code (``X; rm -rf ~; Y``), so it never reaches a backend.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _frozen_str_map(value: Mapping[str, str] | None, what: str) -> Mapping[str, str]:
@@ -21,6 +26,20 @@ def _frozen_str_map(value: Mapping[str, str] | None, what: str) -> Mapping[str, 
         if not isinstance(key, str) or not isinstance(val, str):
             raise ConfigurationError(f"{what} must map strings to strings; got {key!r}: {val!r}.")
     return MappingProxyType(items)
+
+
+def check_env(env: Mapping[str, str], what: str) -> Mapping[str, str]:
+    """``env`` frozen, once every name is a shell identifier and every value a string without NUL."""
+    frozen = _frozen_str_map(env, what)
+    for name, value in frozen.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"{what}: {name!r} is not a valid environment variable name.",
+                remedy="Use letters, digits and underscores only, not starting with a digit.",
+            )
+        if "\0" in value:
+            raise ConfigurationError(f"{what}: the value of {name} holds a NUL character, which no environment can.")
+    return frozen
 
 
 @dataclass(frozen=True)
@@ -57,7 +76,7 @@ class SandboxSpec:
     network: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "env", _frozen_str_map(self.env, "SandboxSpec.env"))
+        object.__setattr__(self, "env", check_env(self.env, "SandboxSpec.env"))
         object.__setattr__(self, "labels", _frozen_str_map(self.labels, "SandboxSpec.labels"))
         if not isinstance(self.lifetime_s, int) or isinstance(self.lifetime_s, bool) or self.lifetime_s <= 0:
             raise ConfigurationError(
