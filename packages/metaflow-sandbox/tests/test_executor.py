@@ -6,6 +6,7 @@ Layer: tests of metaflow-sandbox. Imports: pytest, the standard library, metaflo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -74,18 +75,20 @@ def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_
     command = (
         'cat "$P/0.data.json" >/dev/null && cat "$D/ab/ab12" && echo && '
         'echo "$GREETING from $(cat flow.py | wc -l) file" && echo oops >&2 && '
-        'mkdir -p "$T" "$D/cd" && echo done > "$T/0.DONE.lock" && echo new > "$D/cd/cd34" && exit 3'
+        'mkdir -p "$T" "$D/${K:0:2}" && echo done > "$T/2.DONE.lock" && printf new > "$D/${K:0:2}/$K" && '
+        'echo \'{"cas_raw": true, "cas_version": 1}\' > "$D/${K:0:2}/${K}_meta" && exit 3'
     )
     loc = request_for("true").location
-    paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir}
+    key = hashlib.sha1(b"new").hexdigest()  # a raw blob, filed under its content address
+    paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir, "K": key}
     code_tar = None
     if inline_code:
         package = Path(request_for("true").package).read_bytes()
         code_tar = staging.code_archive(package, f"{loc.root}/../code.tar")
     req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar, attempt=2)
     assert executor.execute(req) == 3
-    assert Path(loc.task_dir, "0.DONE.lock").read_text() == "done\n"
-    assert Path(loc.blob_dir, "cd", "cd34").read_text() == "new\n"
+    assert Path(loc.task_dir, "2.DONE.lock").read_text() == "done\n"
+    assert Path(loc.blob_dir, key[:2], key).read_text() == "new"
     saved = logs_of(loc, attempt=2)
     out = saved["stdout"]
     assert "parent-blob" in out and "hi from 1 file" in out and out.startswith("[MFLOG|0|")
@@ -110,3 +113,18 @@ def test_exit_codes_tell_configuration_from_transient_failures():
     assert executor.exit_code_for(ImageError("no image")) == executor.EXIT_DISALLOW_RETRY
     assert executor.exit_code_for(SandboxUnavailable("gone")) == executor.EXIT_INFRA_RETRYABLE
     assert executor.EXIT_DISALLOW_RETRY == __import__("metaflow.exception").exception.METAFLOW_EXIT_DISALLOW_RETRY
+
+
+def test_a_step_that_plants_content_under_another_address_saves_nothing_and_is_not_retried(request_for, capfd):
+    # The address of a value a later step will compute, filled with the attacker's bytes.
+    key = hashlib.sha1(b"the honest value").hexdigest()
+    command = (
+        'mkdir -p "$T" "$D/${K:0:2}" && touch "$T/0.DONE.lock" && printf evil > "$D/${K:0:2}/$K" && '
+        'echo \'{"cas_raw": true, "cas_version": 1}\' > "$D/${K:0:2}/${K}_meta"'
+    )
+    loc = request_for("true").location
+    req = request_for(command, env={"T": loc.task_dir, "D": loc.blob_dir, "K": key})
+    assert executor.execute(req) == executor.EXIT_DISALLOW_RETRY
+    assert not Path(loc.blob_dir, key[:2], key).exists(), "the planted blob entered the datastore"
+    assert not Path(loc.task_dir, "0.DONE.lock").exists()
+    assert "does not hash to it" in capfd.readouterr().err

@@ -5,6 +5,8 @@ Layer: tests of metaflow-sandbox. Imports: pytest, the standard library, ``plugi
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -142,24 +144,94 @@ def out_archive(path: Path, members: dict[str, bytes], symlink: str | None = Non
     return path
 
 
+def blob(data: bytes, *, raw: bool = False) -> tuple[str, bytes, bytes]:
+    """(address, file bytes, _meta bytes) of ``data`` as Metaflow's content-addressed store files it."""
+    body = data if raw else gzip.compress(data, compresslevel=3)
+    return hashlib.sha1(data).hexdigest(), body, json.dumps({"cas_raw": raw, "cas_version": 1}).encode()
+
+
+def blob_members(blob_dir: Path, data: bytes, *, raw: bool = False) -> dict[str, bytes]:
+    key, body, meta = blob(data, raw=raw)
+    return {f"{blob_dir}/{key[:2]}/{key}": body, f"{blob_dir}/{key[:2]}/{key}_meta": meta}
+
+
 def test_outputs_merge_into_the_datastore_and_known_blobs_are_skipped(loc, tmp_path):
     task_dir, blob_dir = Path(loc.task_dir), Path(loc.blob_dir)
-    write(blob_dir / "ee" / "ee99", "already here")
+    known, _, _ = blob(b"already here")
+    write(blob_dir / known[:2] / known, "already here")
+    new, _, _ = blob(b"new blob")
+    raw, _, _ = blob(b"raw blob", raw=True)
     archive = out_archive(
         tmp_path / "out.tar",
         {
             f"{task_dir}/0.data.json": b"{}",
             f"{task_dir}/0.DONE.lock": b"",
-            f"{blob_dir}/ff/ff00": b"new blob",
-            f"{blob_dir}/ee/ee99": b"different bytes, same name",
+            **blob_members(blob_dir, b"new blob"),
+            **blob_members(blob_dir, b"raw blob", raw=True),
+            # An existing address is skipped whatever the sandbox sends for it.
+            f"{blob_dir}/{known[:2]}/{known}": b"different bytes, same name",
             f"{loc.card_dir}/cards/c.html": b"<html/>",
         },
     )
     written = staging.merge_outputs(str(archive), loc)
-    assert (task_dir / "0.DONE.lock").exists() and (blob_dir / "ff" / "ff00").read_text() == "new blob"
-    assert (blob_dir / "ee" / "ee99").read_text() == "already here"
+    assert (task_dir / "0.DONE.lock").exists()
+    assert gzip.decompress((blob_dir / new[:2] / new).read_bytes()) == b"new blob"
+    assert (blob_dir / raw[:2] / raw).read_bytes() == b"raw blob"
+    assert (blob_dir / known[:2] / known).read_text() == "already here"
     assert Path(written[-1]).name == "0.DONE.lock", "DONE.lock must be the last file to appear"
     assert (Path(loc.card_dir) / "cards" / "c.html").exists()
+
+
+def _poisoned(blob_dir: Path, task_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Archives a hostile step could return, each next to an honest task's files."""
+    honest, _, meta = blob(b"the honest value a later step computes")
+    _, evil_body, _ = blob(b"the attacker's value")
+    address = f"{blob_dir}/{honest[:2]}/{honest}"
+    return {
+        "content-under-another-address": {address: evil_body, f"{address}_meta": meta},
+        "raw-content-under-another-address": {
+            address: b"the attacker's value",
+            f"{address}_meta": json.dumps({"cas_raw": True, "cas_version": 1}).encode(),
+        },
+        "blob-without-meta": {address: blob(b"the honest value a later step computes")[1]},
+        "meta-without-blob": {f"{address}_meta": meta},
+        "unknown-encoding": {address: evil_body, f"{address}_meta": b'{"cas_raw": false, "cas_version": 9}'},
+        "not-gzip": {address: b"garbage", f"{address}_meta": meta},
+        "misfiled-prefix": {f"{blob_dir}/00/{honest}": evil_body, f"{blob_dir}/00/{honest}_meta": meta},
+        "not-a-blob-name": {f"{blob_dir}/ab/evil.py": b"x"},
+        "another-attempts-file": {f"{task_dir}/0.data.json": b'{"objects": {}}'},
+        "another-attempts-metadata": {f"{task_dir}/_meta/0_artifact_x.json": b"{}"},
+    }
+
+
+@pytest.mark.parametrize("attack", list(_poisoned(Path("b"), Path("t"))))
+def test_outputs_a_step_could_not_have_made_honestly_are_refused_whole(loc, tmp_path, attack):
+    task_dir, blob_dir = Path(loc.task_dir), Path(loc.blob_dir)
+    members = {
+        f"{task_dir}/1.data.json": b"{}",
+        f"{task_dir}/1.DONE.lock": b"",
+        **blob_members(blob_dir, b"an honest artifact"),
+        **_poisoned(blob_dir, task_dir)[attack],
+    }
+    archive = out_archive(tmp_path / "out.tar", members)
+    with pytest.raises(staging.UntrustedOutput):
+        staging.merge_outputs(str(archive), loc, attempt=1)
+    leftovers = [p for p in Path(loc.root).rglob("*") if p.is_file()]
+    assert leftovers == [], "a refused archive must leave nothing in the datastore"
+
+
+def test_a_previous_attempts_files_are_never_replaced(loc, tmp_path):
+    task_dir = Path(loc.task_dir)
+    write(task_dir / "_meta" / "_self.json", '{"task": 7}')
+    write(task_dir / "_meta" / "sysmeta_attempt_1.json", "attempt 0 wrote this")
+    same = {f"{task_dir}/_meta/_self.json": b'{"task": 7}', f"{task_dir}/1.DONE.lock": b""}
+    staging.merge_outputs(str(out_archive(tmp_path / "ok.tar", same)), loc, attempt=1)
+    assert (task_dir / "1.DONE.lock").exists(), "an identical copy of an existing file is fine"
+    changed = {f"{task_dir}/_meta/sysmeta_attempt_1.json": b"rewritten", f"{task_dir}/1.data.json": b"{}"}
+    with pytest.raises(staging.UntrustedOutput, match="earlier attempt"):
+        staging.merge_outputs(str(out_archive(tmp_path / "bad.tar", changed)), loc, attempt=1)
+    assert (task_dir / "_meta" / "sysmeta_attempt_1.json").read_text() == "attempt 0 wrote this"
+    assert not (task_dir / "1.data.json").exists()
 
 
 @pytest.mark.parametrize(

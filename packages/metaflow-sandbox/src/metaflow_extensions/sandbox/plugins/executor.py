@@ -169,6 +169,7 @@ def script(req: TaskRequest) -> str:
     def fail(what: str) -> str:
         return f'{{ echo "{SETUP_FAILED} {what}" >&2; exit 97; }}'
 
+    # Metaflow's own variables, whose values expand $PWD: double quotes on purpose.
     exports = "".join(f'export {k}="{v}"; ' for k, v in req.extract_env.items())
     extract = " && ".join(req.extract_commands)
     inline = req.code_tar is not None
@@ -283,7 +284,7 @@ class SandboxTask:
         # The sandbox is not needed any more: destroy it while the outputs are merged.
         destroying = Background(self.destroy)
         start = time.monotonic()
-        staging.merge_outputs(outbound, req.location, known_blobs)
+        staging.merge_outputs(outbound, req.location, known_blobs, attempt=req.attempt)
         self._timed("merge", start)
         destroying.result()
         return result.exit_code
@@ -351,6 +352,9 @@ def _execute(task: SandboxTask, tmp: str) -> int:
     say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task.")
     try:
         return task.run(sbx, inbound, known_blobs)
+    except staging.UntrustedOutput as e:
+        say(f"Refused the outputs of sandbox {sbx.id}: {e} Nothing of this attempt was saved; it is not retried.")
+        return EXIT_DISALLOW_RETRY
     except (SandboxError, staging.StagingError) as e:
         say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
         return exit_code_for(e)

@@ -17,6 +17,9 @@ the renames leaves nothing behind, and no reader ever sees a task marked done wi
 from __future__ import annotations
 
 import contextlib
+import filecmp
+import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -29,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +44,20 @@ CODE_PREFIX = "code"
 IN_ARCHIVE = "mfsbx/in.tar"
 OUT_ARCHIVE = "mfsbx/out.tar"
 _DONE = re.compile(r"^(\d+)\.DONE\.lock$")
+# Files of one attempt in a task directory: ``<attempt>.data.json``, ``_meta/<attempt>_artifact_*``.
+_ATTEMPT_FILE = re.compile(r"^(\d+)[._]")
+_META = "_meta"
+# A blob in the content-addressed store: ``<sha1[:2]>/<sha1>``, and its ``_meta`` file.
+_BLOB = re.compile(r"([0-9a-f]{2})/(?=\1)([0-9a-f]{40})(?:_meta)?")
 
 
 class StagingError(Exception):
     """The archive is unusable or holds paths the task may not write (an infrastructure failure)."""
+
+
+class UntrustedOutput(StagingError):
+    """The sandbox returned outputs the task could not have made honestly (see ``merge_outputs``):
+    refused whole, and never retried (the same code would do it again)."""
 
 
 @dataclass(frozen=True)
@@ -284,12 +298,44 @@ def _allowed(path: str, loc: TaskLocation) -> bool:
     return any(real.startswith(d.rstrip("/") + "/") for d in loc.writable())
 
 
-def merge_outputs(archive: str, loc: TaskLocation, known_blobs: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def blob_digest(blob: str, meta: str) -> str:
+    """The content address of the blob file ``blob`` as Metaflow's content-addressed store reads
+    it with its ``_meta`` file ``meta``: the SHA-1 of the bytes it decodes to (gzip unless
+    ``cas_raw``). Raises ``UntrustedOutput`` when the pair is not a blob Metaflow would read."""
+    try:
+        with open(meta, "rb") as f:
+            info = json.load(f)
+        raw = info["cas_raw"]
+        if info.get("cas_version") != 1 or not isinstance(raw, bool):
+            raise ValueError(f"unknown encoding {info!r}")
+        digest = hashlib.sha1()  # Metaflow's content address (not a security hash: the check is equality)
+        with open(blob, "rb") as f, contextlib.nullcontext(f) if raw else gzip.GzipFile(fileobj=f) as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error) as e:
+        raise UntrustedOutput(f"The blob {os.path.basename(blob)} returned by the sandbox is unreadable ({e}).") from e
+
+
+def merge_outputs(
+    archive: str,
+    loc: TaskLocation,
+    known_blobs: set[str] = frozenset(),  # type: ignore[assignment]
+    *,
+    attempt: int = 0,
+) -> list[str]:
     """Merge the outbound archive into the local datastore, atomically per task (see module doc).
 
-    Blobs the launcher already has are skipped. Returns the paths written.
+    Nothing the sandbox returns is trusted (the step's code may be hostile): every member must lie
+    in this task's own directories (``TaskLocation.writable``); attempt-numbered files must be
+    this ``attempt``'s; a file that exists already (a previous attempt's) is never replaced; each
+    new blob must come with its ``_meta`` and hash to the address it is filed under, so a step can
+    never plant content under the address of a value a later step or run will compute. Any
+    violation refuses the whole archive (``UntrustedOutput``). Blobs the launcher already has are
+    skipped. Returns the paths written.
     """
-    pending: list[tuple[str, str]] = []
+    pending: dict[str, str] = {}  # final path -> temporary file
+    blob_prefix = loc.blob_dir + "/"
     try:
         with tarfile.open(archive, "r:") as tar:
             for member in tar:
@@ -297,28 +343,62 @@ def merge_outputs(archive: str, loc: TaskLocation, known_blobs: set[str] = froze
                     continue
                 path = "/" + member.name.lstrip("/")
                 if not member.isfile() or ".." in Path(member.name).parts or not _allowed(path, loc):
-                    raise StagingError(f"The sandbox returned {member.name!r}, outside the task's own outputs.")
-                is_blob = path.startswith(loc.blob_dir + "/")
-                if is_blob and (os.path.basename(path) in known_blobs or os.path.exists(path)):
-                    continue  # content-addressed: same name, same bytes
+                    raise UntrustedOutput(f"The sandbox returned {member.name!r}, outside the task's own outputs.")
+                if path.startswith(blob_prefix):
+                    match = _BLOB.fullmatch(path[len(blob_prefix) :])
+                    if not match:
+                        raise UntrustedOutput(f"The sandbox returned {member.name!r}, which is not a blob's path.")
+                    key = match.group(2)
+                    if key in known_blobs or os.path.exists(os.path.join(loc.blob_dir, key[:2], key)):
+                        continue  # content-addressed: the datastore has these bytes already
+                else:
+                    numbered = _ATTEMPT_FILE.match(os.path.basename(path))
+                    if numbered and path.startswith(loc.task_dir + "/") and int(numbered.group(1)) != attempt:
+                        raise UntrustedOutput(
+                            f"The sandbox returned {member.name!r}, a file of another attempt than {attempt}."
+                        )
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-                pending.append((tmp, path))
+                pending[path] = tmp
                 source = tar.extractfile(member)
                 assert source is not None
                 with os.fdopen(fd, "wb") as out:
                     while chunk := source.read(1 << 20):
                         out.write(chunk)
+        _check_untrusted(pending, blob_prefix)
     except BaseException:
-        for tmp, _ in pending:
+        for tmp in pending.values():
             Path(tmp).unlink(missing_ok=True)
         raise
+
     # Blobs first, then task files, DONE.lock last: a reader that sees DONE sees everything.
-    pending.sort(key=lambda p: (not p[1].startswith(loc.blob_dir + "/"), bool(_DONE.match(os.path.basename(p[1])))))
-    for tmp, path in pending:
+    def rank(path: str) -> tuple[bool, bool]:
+        return not path.startswith(blob_prefix), bool(_DONE.match(os.path.basename(path)))
+
+    order = sorted(pending.items(), key=lambda item: rank(item[0]))
+    for path, tmp in order:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    return [path for _, path in pending]
+    return [path for path, _ in order]
+
+
+def _check_untrusted(pending: dict[str, str], blob_prefix: str) -> None:
+    """The checks of ``merge_outputs`` that need a member's content (see there); identical copies
+    of existing files are dropped from ``pending``."""
+    for path in [p for p in pending if p.startswith(blob_prefix) and not p.endswith(_META)]:
+        meta = pending.get(path + _META)
+        if meta is None:
+            raise UntrustedOutput(f"The sandbox returned the blob {path} without its {_META} file.")
+        key = os.path.basename(path)
+        if blob_digest(pending[path], meta) != key:
+            raise UntrustedOutput(f"The sandbox returned content under the address {key} that does not hash to it.")
+    for path in [p for p in pending if p.startswith(blob_prefix) and p.endswith(_META)]:
+        if path.removesuffix(_META) not in pending:
+            raise UntrustedOutput(f"The sandbox returned {path} without the blob it describes.")
+    for path in [p for p in pending if not p.startswith(blob_prefix) and os.path.exists(p)]:
+        if not filecmp.cmp(path, pending[path], shallow=False):
+            raise UntrustedOutput(f"The sandbox tried to replace {path}, which an earlier attempt wrote.")
+        Path(pending.pop(path)).unlink()
 
 
 def save_task_logs(loc: TaskLocation, attempt: int, logs: dict[str, bytes], source: str = "task") -> None:
