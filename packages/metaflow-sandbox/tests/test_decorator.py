@@ -23,6 +23,7 @@ from metaflow_extensions.sandbox.plugins.sandbox_decorator import (
 
 def validated(deco, *others):
     deco.step = "train"
+    deco.attributes["backend"] = deco.attributes["backend"] or "local"
     deco._validate("train", [deco, *others])
     return deco.attributes
 
@@ -47,7 +48,11 @@ def test_strings_from_with_are_parsed_and_resources_take_the_maximum():
         ({"timeout": "soon"}, "timeout='soon' must be an integer"),
         ({"network": "maybe"}, "network='maybe' must be True/False"),
         ({"env": ["K"]}, 'env must be a dict of strings, e.g. env={"KEY": "value"}'),
-        ({"env": {"NOT OK": "v"}}, "env names must be shell identifiers"),
+        ({"env": {"NOT OK": "v"}}, "'NOT OK' is not a valid environment variable name"),
+        ({"env": {"X; echo INJECTED >&2; Y": "v"}}, "'X; echo INJECTED >&2; Y' is not a valid environment"),
+        ({"env": {"ÄNDERUNG": "v"}}, "'ÄNDERUNG' is not a valid environment variable name"),
+        ({"options": {"api_key": "sekrit"}}, "set the environment variable the local backend reads for it"),
+        ({"options": {"github_token": "t"}}, "is a credential"),
         ({"image": 3}, "image=3 must be a string"),
     ],
 )
@@ -55,6 +60,31 @@ def test_bad_attributes_name_the_step_and_the_fix(attrs, message):
     with pytest.raises(SandboxException, match=r"step \*train\*") as err:
         validated(SandboxDecorator(attributes=attrs))
     assert message in str(err.value)
+
+
+def environment(**variables):
+    return SimpleNamespace(name="environment", attributes={"vars": variables}, statically_defined=True)
+
+
+def test_environment_variable_names_are_checked_before_the_run():
+    # They reach the sandbox through shell scripts on some backends: a name must not be code.
+    deco = SandboxDecorator(attributes={"backend": "local"})
+    with pytest.raises(SandboxException, match=r"@environment\(vars=...\) on step \*train\*: 'X; echo INJ"):
+        validated(deco, environment(**{"X; echo INJECTED >&2; Y": "v"}))
+    assert validated(SandboxDecorator(attributes={"backend": "local"}), environment(OK_1="$(not run)"))["env"] == {}
+
+
+def test_a_backends_declared_secret_option_names_its_variable(monkeypatch):
+    from metaflow_extensions.sandbox.core import registry
+
+    class Keyed(registry.SandboxBackend):
+        name = "keyed"
+        secret_options = {"login": "KEYED_LOGIN"}
+
+    monkeypatch.setattr(registry, "backend_class", lambda name: Keyed)
+    deco = SandboxDecorator(attributes={"backend": "keyed", "options": {"login": "me:pw"}})
+    with pytest.raises(SandboxException, match=r"set \$KEYED_LOGIN in the environment"):
+        validated(deco)
 
 
 def test_an_alias_fixes_its_backend():

@@ -52,3 +52,32 @@ def test_the_task_command_carries_long_input_paths_in_variables(tmp_path: Path):
     assert json.loads(out.stdout) == [
         "--quiet", "step", "train", "--run-id", "1", "--input-paths", paths, "--tag", "it's a tag"
     ]  # fmt: skip
+
+
+def test_request_files_are_private_and_none_outlives_its_runtime(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from metaflow_extensions.sandbox.core import Resources
+    from metaflow_extensions.sandbox.plugins import launch
+    from metaflow_extensions.sandbox.plugins.executor import TaskRequest
+    from metaflow_extensions.sandbox.plugins.staging import TaskLocation
+
+    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: str(tmp_path))
+    launch._sweep_requests.cache_clear()
+    folder = Path(launch._requests_dir())
+    folder.mkdir(mode=0o700)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / f"{dead.pid}-left-by-a-crashed-runtime.json").write_text("{}")
+    req = TaskRequest(
+        backend="local", backend_options={}, step_command="true", location=TaskLocation("/r", "F", "1", "s", "2"),
+        input_paths=[], extract_commands=[], extract_env={}, env={"SECRET_ENV": "v"}, labels={}, hard_limit_s=60,
+        resources=Resources(),
+    )  # fmt: skip
+    path = Path(launch.save_request(req))
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert TaskRequest.load(str(path)) == req
+    assert [p.name for p in folder.iterdir()] == [path.name], "a dead runtime's request is swept"
+    launch.forget_requests()  # the run ended: what no launcher read is gone
+    assert list(folder.iterdir()) == []

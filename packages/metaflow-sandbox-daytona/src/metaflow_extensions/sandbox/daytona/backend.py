@@ -216,6 +216,7 @@ class DaytonaBackend(SandboxBackend):
     """
 
     name = "daytona"
+    secret_options = {"api_key": "DAYTONA_API_KEY"}
 
     def __init__(
         self,

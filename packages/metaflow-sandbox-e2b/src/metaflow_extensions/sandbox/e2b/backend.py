@@ -270,6 +270,7 @@ class E2BBackend(SandboxBackend):
     """
 
     name = "e2b"
+    secret_options = {"api_key": "E2B_API_KEY"}
 
     def __init__(
         self,

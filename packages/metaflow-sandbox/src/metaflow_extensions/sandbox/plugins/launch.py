@@ -14,6 +14,7 @@ private file, never on a command line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -38,10 +39,7 @@ _INPUT_PATHS = "__MFSBX_INPUT_PATHS__"
 
 def reroute(deco: Any, cli_args: Any, retry_count: int) -> None:
     """Make the runtime start the launcher for this task (``cli_args``: Metaflow's ``CLIArgs``)."""
-    req = task_request(deco, cli_args, retry_count)
-    fd, path = tempfile.mkstemp(prefix="mfsbx-task-", suffix=".json")  # 0600: may hold env values
-    os.close(fd)
-    req.save(path)
+    path = save_request(task_request(deco, cli_args, retry_count))
     # The launcher must run with this Python, which has the backends installed, whatever
     # interpreter @conda/@pypi chose for the step itself.
     cli_args.entrypoint = [sys.executable, "-m", LAUNCHER, path]
@@ -49,6 +47,43 @@ def reroute(deco: Any, cli_args: Any, retry_count: int) -> None:
     cli_args.commands = []
     cli_args.command_args = []
     cli_args.command_options = {}
+
+
+def _requests_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-requests-{os.getuid()}")
+
+
+def save_request(req: TaskRequest) -> str:
+    """Write ``req`` where only this user can read it (it may hold ``env`` values) and return the
+    path. The launcher deletes it once read; what a launcher never read (it failed to start) is
+    removed when the run ends (``forget_requests``) or, after a crash of the runtime, by the next
+    runtime (files are named after the runtime's pid)."""
+    folder = _requests_dir()
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    _sweep_requests(folder)
+    fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".json", dir=folder)  # mode 0600
+    os.close(fd)
+    req.save(path)
+    return path
+
+
+@functools.cache  # once per runtime
+def _sweep_requests(folder: str) -> None:
+    for name in os.listdir(folder):
+        owner = name.split("-", 1)[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def forget_requests() -> None:
+    """Remove the request files of this runtime that no launcher read (called when the run ends)."""
+    folder = _requests_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(f"{os.getpid()}-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
 
 
 def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:

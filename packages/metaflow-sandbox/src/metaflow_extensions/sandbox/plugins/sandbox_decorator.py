@@ -30,6 +30,9 @@ DEPLOYER_COMMANDS = ("argo-workflows", "step-functions", "airflow")
 # Other compute decorators: a step runs in one place.
 OTHER_COMPUTE = ("batch", "kubernetes", "slurm", "parallel", "nvidia", "nvct")
 FAMILY = ("sandbox", "daytona", "e2b")
+# Option names that carry credentials whatever the backend (backends name theirs precisely in
+# ``SandboxBackend.secret_options``).
+SECRET_WORDS = ("key", "token", "secret", "password", "credential")
 # How long the sandbox outlives the task's own time limit, so that @timeout fires first and @catch
 # can handle it; the hard kill is the backstop.
 GRACE_S = 60
@@ -200,11 +203,48 @@ class SandboxDecorator(StepDecorator):
         attrs["network"] = network
         for name in ("env", "options"):
             attrs[name] = self._str_map(attrs[name], name, step)
-        bad = sorted(k for k in attrs["env"] if not k.isidentifier())
-        if bad:
-            raise SandboxException(f"@{self.name} on step *{step}*: env names must be shell identifiers; got {bad}.")
+        self._check_env(step, decos)
+        self._refuse_secret_options(step)
         if attrs["image"] is not None and not isinstance(attrs["image"], str):
             raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
+
+    def _check_env(self, step: str, decos: list[Any]) -> None:
+        """Every variable name the sandbox gets (``env=`` and ``@environment``) must be a shell
+        identifier: backends export them in shell scripts, where any other name is shell code."""
+        from metaflow_extensions.sandbox.core import SandboxError
+        from metaflow_extensions.sandbox.core.spec import check_env
+
+        sources = [(f"@{self.name}(env=...)", self.attributes["env"])]
+        sources += [
+            ("@environment(vars=...)", d.attributes.get("vars") or {}) for d in decos if d.name == "environment"
+        ]
+        for what, env in sources:
+            try:
+                check_env({str(k): str(v) for k, v in env.items()}, f"{what} on step *{step}*")
+            except SandboxError as e:
+                raise SandboxException(str(e)) from e
+
+    def _refuse_secret_options(self, step: str) -> None:
+        """Metaflow saves decorator attributes with the run (``_graph_info``), in plain text: a
+        credential among ``options`` would be persisted. Credentials come from the environment."""
+        backend = self.attributes["backend"]
+        declared: dict[str, str] = {}
+        if os.environ.get(IN_SANDBOX_ENV) is None:  # entry points exist only on the launcher side
+            from metaflow_extensions.sandbox.core.registry import backend_class
+
+            declared = dict(backend_class(backend).secret_options)
+        for option in self.attributes["options"]:
+            if option in declared:
+                variable = f"${declared[option]}"
+            elif any(word in option.lower() for word in SECRET_WORDS):
+                variable = f"the environment variable the {backend} backend reads for it"
+            else:
+                continue
+            raise SandboxException(
+                f"@{self.name} on step *{step}*: options={{{option!r}: ...}} is a credential, and Metaflow "
+                f"saves decorator options with the run in plain text. Remove it and set {variable} in "
+                "the environment of the run instead."
+            )
 
     def _str_map(self, value: Any, name: str, step: str) -> dict[str, str]:
         if value is None:
@@ -235,6 +275,11 @@ class SandboxDecorator(StepDecorator):
 
     def runtime_init(self, flow: Any, graph: Any, package: Any, run_id: str) -> None:
         self.package = package
+
+    def runtime_finished(self, exception: Any) -> None:
+        from .launch import forget_requests
+
+        forget_requests()
 
     def runtime_step_cli(self, cli_args: Any, retry_count: int, max_user_code_retries: int, ubf_context: Any) -> None:
         if self.inert or retry_count > max_user_code_retries:
