@@ -8,6 +8,7 @@ flow and asserts everything it demonstrates.
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import re
 
@@ -164,8 +165,29 @@ def test_ctrl_c_destroys_live_sandboxes(flowdir):
     assert flowdir.live_sandboxes("failing_flow.py") == [], "".join(lines) + rest
 
 
+def test_a_step_cannot_plant_a_value_under_another_values_address(flowdir):
+    proc = flowdir.run("attack_flow.py", "run", ok=False)
+    out = proc.stdout + proc.stderr
+    assert "planted" in out, "the attack must have run"
+    assert "does not hash to it" in out and "Task is starting (retry)" not in out
+    planted = [p for p in (flowdir.path / ".metaflow" / "AttackFlow" / "data").rglob("*") if p.is_file()]
+    assert not any(b"the attacker's value" in gzip.decompress(p.read_bytes()) for p in planted
+                   if not p.name.endswith("_meta")), "the attacker's bytes entered the datastore"  # fmt: skip
+    run = flowdir.inspect("AttackFlow")
+    assert not run["successful"] and "end" not in run["steps"]
+    assert flowdir.live_sandboxes("attack_flow.py") == []
+
+
+INJECTED_NAME = '{"X; echo INJECTED >&2; Y": "v"}'
+
+
 def _bad_arguments() -> list[object]:
     cases = [
+        pytest.param(["--with", f"sandbox:env={INJECTED_NAME}"], "is not a valid environment variable", id="env-name"),
+        pytest.param(
+            ["--with", f"environment:vars={INJECTED_NAME}"], "is not a valid environment variable", id="environment"
+        ),
+        pytest.param(["--with", 'sandbox:options={"api_key": "sekrit"}'], "is a credential", id="secret-option"),
         pytest.param(["--with", "sandbox:cpu=lots"], "cpu='lots' must be a number", id="cpu"),
         pytest.param(["--with", "sandbox:memory=-5"], "memory", id="memory"),
         pytest.param(["--with", "sandbox:backend=nosuch"], "Unknown sandbox backend 'nosuch'", id="backend"),
@@ -184,7 +206,8 @@ def test_bad_arguments_fail_before_anything_runs(flowdir, args, message):
     proc = flowdir.run("linear_flow.py", *args, "run", ok=False)
     out = proc.stdout + proc.stderr
     assert "Sandbox error" in out and message in out, out
-    assert "Workflow starting" not in out
+    assert "Workflow starting" not in out and "INJECTED" not in out.replace("echo INJECTED", "")
+    assert "sekrit" not in out
 
 
 def test_deployers_fail_fast(flowdir):

@@ -251,3 +251,12 @@ def test_links_are_refused(loc, tmp_path):
     archive = out_archive(tmp_path / "out.tar", {}, symlink=f"{loc.task_dir}/0.data.json")
     with pytest.raises(staging.StagingError):
         staging.merge_outputs(str(archive), loc)
+
+
+def test_this_attempts_own_files_may_be_rewritten(loc, tmp_path):
+    # The runtime begins an attempt on the launcher side (N.attempt.json) before the task writes it.
+    task_dir = Path(loc.task_dir)
+    write(task_dir / "1.attempt.json", '{"time": 1}')
+    archive = out_archive(tmp_path / "out.tar", {f"{task_dir}/1.attempt.json": b'{"time": 2}'})
+    staging.merge_outputs(str(archive), loc, attempt=1)
+    assert (task_dir / "1.attempt.json").read_text() == '{"time": 2}'

@@ -328,13 +328,14 @@ def merge_outputs(
 
     Nothing the sandbox returns is trusted (the step's code may be hostile): every member must lie
     in this task's own directories (``TaskLocation.writable``); attempt-numbered files must be
-    this ``attempt``'s; a file that exists already (a previous attempt's) is never replaced; each
+    this ``attempt``'s; any other file that exists already (an earlier attempt's) is never replaced; each
     new blob must come with its ``_meta`` and hash to the address it is filed under, so a step can
     never plant content under the address of a value a later step or run will compute. Any
     violation refuses the whole archive (``UntrustedOutput``). Blobs the launcher already has are
     skipped. Returns the paths written.
     """
     pending: dict[str, str] = {}  # final path -> temporary file
+    own: set[str] = set()  # this attempt's files, which it may rewrite
     blob_prefix = loc.blob_dir + "/"
     try:
         with tarfile.open(archive, "r:") as tar:
@@ -353,10 +354,12 @@ def merge_outputs(
                         continue  # content-addressed: the datastore has these bytes already
                 else:
                     numbered = _ATTEMPT_FILE.match(os.path.basename(path))
-                    if numbered and path.startswith(loc.task_dir + "/") and int(numbered.group(1)) != attempt:
-                        raise UntrustedOutput(
-                            f"The sandbox returned {member.name!r}, a file of another attempt than {attempt}."
-                        )
+                    if numbered and path.startswith(loc.task_dir + "/"):
+                        if int(numbered.group(1)) != attempt:
+                            raise UntrustedOutput(
+                                f"The sandbox returned {member.name!r}, a file of another attempt than {attempt}."
+                            )
+                        own.add(path)  # this attempt's (the runtime may have begun it: attempt.json)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
                 pending[path] = tmp
@@ -365,7 +368,7 @@ def merge_outputs(
                 with os.fdopen(fd, "wb") as out:
                     while chunk := source.read(1 << 20):
                         out.write(chunk)
-        _check_untrusted(pending, blob_prefix)
+        _check_untrusted(pending, blob_prefix, own)
     except BaseException:
         for tmp in pending.values():
             Path(tmp).unlink(missing_ok=True)
@@ -382,9 +385,9 @@ def merge_outputs(
     return [path for path, _ in order]
 
 
-def _check_untrusted(pending: dict[str, str], blob_prefix: str) -> None:
+def _check_untrusted(pending: dict[str, str], blob_prefix: str, own: set[str]) -> None:
     """The checks of ``merge_outputs`` that need a member's content (see there); identical copies
-    of existing files are dropped from ``pending``."""
+    of existing files that are not this attempt's ``own`` are dropped from ``pending``."""
     for path in [p for p in pending if p.startswith(blob_prefix) and not p.endswith(_META)]:
         meta = pending.get(path + _META)
         if meta is None:
@@ -395,7 +398,7 @@ def _check_untrusted(pending: dict[str, str], blob_prefix: str) -> None:
     for path in [p for p in pending if p.startswith(blob_prefix) and p.endswith(_META)]:
         if path.removesuffix(_META) not in pending:
             raise UntrustedOutput(f"The sandbox returned {path} without the blob it describes.")
-    for path in [p for p in pending if not p.startswith(blob_prefix) and os.path.exists(p)]:
+    for path in [p for p in pending if not p.startswith(blob_prefix) and p not in own and os.path.exists(p)]:
         if not filecmp.cmp(path, pending[path], shallow=False):
             raise UntrustedOutput(f"The sandbox tried to replace {path}, which an earlier attempt wrote.")
         Path(pending.pop(path)).unlink()
