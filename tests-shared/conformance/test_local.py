@@ -226,3 +226,45 @@ def test_nothing_lingers_after_the_caller_is_interrupted(isolation, how, sandbox
             break
         time.sleep(0.05)
     assert _sleepers(marker) == []
+
+
+NORMAL_USER_SANDBOX = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from metaflow_extensions.sandbox.core import SandboxSpec, get_backend
+with get_backend("local", isolation="bwrap", root=sys.argv[2]).create(SandboxSpec()) as sbx:
+    print(sbx.run(sys.argv[3]).stdout, end="")
+"""
+
+
+def test_a_normal_users_sandbox_holds_the_same_line(tmp_path):
+    """The attacks above, from a sandbox that a normal user (not root) creates."""
+    import shutil
+    import tempfile
+
+    from metaflow_extensions.sandbox import core
+
+    system_python = "/usr/bin/python3"
+    if os.getuid() != 0:
+        pytest.skip("the suite runs as a normal user: every test above is this case")
+    if not (shutil.which("setpriv") and os.access(system_python, os.X_OK)):
+        pytest.skip("playing a normal user needs setpriv and a system Python 3 that user can run")
+    site = str(Path(core.__file__).parents[3])  # where the wheel is installed, readable by all
+    root = Path(tempfile.mkdtemp(prefix="mfsbx-normal-user-", dir="/tmp"))
+    try:
+        os.chown(root, 65534, 65534)
+        attack = (
+            "id -u; grep CapEff /proc/self/status; mount -o remount,rw /usr 2>/dev/null; "
+            "test -e /etc/shadow && echo SHADOW; touch /usr/planted 2>/dev/null || echo refused"
+        )
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        argv = [*as_nobody, system_python, "-I", "-c", NORMAL_USER_SANDBOX, site, str(root / "sbx"), attack]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, cwd="/")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if "cannot create namespaces" in res.stderr or "bubblewrap is not" in res.stderr:
+        pytest.skip(f"this kernel gives normal users no namespaces: {res.stderr.strip()[-200:]}")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[0] == "1000" and lines[1].split() == ["CapEff:", "0000000000000000"] and "SHADOW" not in lines
+    assert lines[-2] == "refused" and not Path("/usr/planted").exists()
