@@ -187,6 +187,22 @@ def conformance(session: nox.Session, backend: str, sdk: str) -> None:
     session.run("pytest", *XDIST, f"tests-shared/conformance/test_{backend}.py", *session.posargs)
 
 
+EXAMPLE_BACKEND = ROOT / "docs" / "examples" / "metaflow-sandbox-tmpdir"
+
+
+@nox.session(tags=["portable"])
+def example_backend(session: nox.Session) -> None:
+    """The example third-party backend, built as a wheel, against core's shipped conformance suite."""
+    out = Path(session.create_tmp()) / "example-wheel"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run(sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(out),
+                str(EXAMPLE_BACKEND), external=True)  # fmt: skip
+    core = wheels(session, "core")[0]
+    # Core's wheel satisfies the example's dependency: nothing of this repository but wheels.
+    session.install(*PYTEST, f"metaflow-sandbox-core[testing] @ file://{core}", *map(str, out.glob("*.whl")))
+    session.run("pytest", *XDIST, "--rootdir", str(EXAMPLE_BACKEND), str(EXAMPLE_BACKEND / "tests"), *session.posargs)
+
+
 @nox.session
 @nox.parametrize("metaflow", METAFLOW_VERSIONS)
 @nox.parametrize("backend", BACKENDS)

@@ -31,7 +31,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxUnavailable,
     get_backend,
 )
-from sandbox_testing.conformance import BackendConformance
+from metaflow_extensions.sandbox.core.conformance import BackendConformance
 from sandbox_testing.daytona import (  # noqa: F401 - daytona_emulator is a fixture
     EMULATOR_API_KEY,
     NO_FAULTS,

@@ -24,7 +24,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxUnavailable,
     get_backend,
 )
-from sandbox_testing.conformance import BackendConformance
+from metaflow_extensions.sandbox.core.conformance import BackendConformance
 from sandbox_testing.e2b import EMULATOR_API_KEY, e2b_emulator, emulator_state, set_faults, start_emulator
 
 __all__ = ["e2b_emulator"]  # the fixture, imported so pytest finds it

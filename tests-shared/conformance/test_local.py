@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from metaflow_extensions.sandbox.core import ConfigurationError, SandboxSpec, get_backend
-from sandbox_testing.conformance import BackendConformance
+from metaflow_extensions.sandbox.core.conformance import BackendConformance
 
 
 @pytest.fixture(scope="module")

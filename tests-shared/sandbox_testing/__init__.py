@@ -1,1 +1,1 @@
-"""Shared test helpers: the backend conformance suite and emulator launchers (layer: tests-shared)."""
+"""Shared test helpers: emulator launchers and fixtures, flow runners (layer: tests-shared)."""

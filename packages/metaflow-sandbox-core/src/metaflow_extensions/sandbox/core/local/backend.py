@@ -198,22 +198,41 @@ def _bubblewraps_of(rootfs: Path) -> list[int]:
     return found
 
 
-def _remove_sandbox_dir(directory: Path) -> None:
-    """Kill what runs in the sandbox at ``directory`` (from any process), then delete it."""
-    for pid_file in (directory / "pids").glob("*"):
+def _running_in(directory: Path, state: Path) -> list[int]:
+    """Live processes of the sandbox made at ``directory`` whose state (pid files) is now at
+    ``state``: those its pid files name (only while they still mention its path: a recycled pid
+    would not) and its bubblewraps."""
+    found = _bubblewraps_of(directory / "fs")
+    for pid_file in (state / "pids").glob("*"):
         pid = int(pid_file.name)
-        # Only a process that belongs to this sandbox: a recycled pid would not mention its path.
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(directory).encode() in cmdline or os.readlink(f"/proc/{pid}/cwd").startswith(str(directory)):
-                kill_tree(pid)
-    for pid in _bubblewraps_of(directory / "fs"):
-        kill_tree(pid)
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            if str(directory).encode() in cmdline or cwd.startswith((f"{directory}/", f"{state}/")):
+                found.append(pid)
+    return found
+
+
+def _remove_sandbox_dir(directory: Path) -> None:
+    """Kill what runs in the sandbox at ``directory`` (from any process), then delete it.
+
+    The directory is renamed first: ``list()`` never sees a half-deleted sandbox, and a command
+    ending under the kill finds its sandbox gone. Killing is repeated until nothing of the sandbox
+    is left: a bwrap that was still starting when its launcher died may create its inner process
+    after the first look.
+    """
     trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex[:6]}")
     try:
-        directory.rename(trash)  # list() never sees a half-deleted sandbox
+        directory.rename(trash)
     except FileNotFoundError:
         return
+    for _ in range(40):
+        victims = _running_in(directory, trash)
+        if not victims:
+            break
+        for pid in victims:
+            kill_tree(pid)
+        time.sleep(0.025)
     _rmtree(trash)
 
 

@@ -1,8 +1,17 @@
-"""The backend conformance suite: what every ``SandboxBackend`` must do, the same way.
+"""The backend conformance suite: what every ``SandboxBackend`` must do, the same way, as pytest
+tests a backend's own test file inherits.
 
-Layer: tests-shared. Imports: pytest, the standard library and ``metaflow_extensions.sandbox.core``.
+Layer: core (test support, shipped so that third-party backends can use it). Imports: pytest
+(``pip install metaflow-sandbox-core[testing]``), the standard library and the core API. No other
+core module imports it; pytest loads it as a plugin (entry point ``pytest11``) so its asserts
+explain their failures.
 
-A backend passes by subclassing it with a ``backend`` fixture, e.g.::
+A backend passes by subclassing ``BackendConformance`` with a ``backend`` fixture, e.g.::
+
+    import pytest
+    from metaflow_extensions.sandbox.core import get_backend
+    from metaflow_extensions.sandbox.core.conformance import BackendConformance
+
 
     class TestMyBackend(BackendConformance):
         @pytest.fixture
@@ -22,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from metaflow_extensions.sandbox.core import (
+from . import (
     CommandTimeout,
     ConfigurationError,
     Sandbox,
