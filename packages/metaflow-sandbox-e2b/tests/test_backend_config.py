@@ -47,7 +47,7 @@ def test_key_from_the_environment(monkeypatch):
 
 
 def test_unknown_option_is_a_configuration_error():
-    with pytest.raises(ConfigurationError, match="Bad option"):
+    with pytest.raises(ConfigurationError, match="Unknown option 'cpu' for the 'e2b' sandbox backend"):
         get_backend("e2b", api_key=KEY, cpu=2)
 
 

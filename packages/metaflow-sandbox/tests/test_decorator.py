@@ -75,11 +75,11 @@ def test_environment_variable_names_are_checked_before_the_run():
 
 
 def test_a_backends_declared_secret_option_names_its_variable(monkeypatch):
-    from metaflow_extensions.sandbox.core import registry
+    from metaflow_extensions.sandbox.core import Option, registry
 
     class Keyed(registry.SandboxBackend):
         name = "keyed"
-        secret_options = {"login": "KEYED_LOGIN"}
+        options = (Option("login", secret=True, env=("KEYED_LOGIN",)),)
 
     monkeypatch.setattr(registry, "backend_class", lambda name: Keyed)
     deco = SandboxDecorator(attributes={"backend": "keyed", "options": {"login": "me:pw"}})

@@ -27,6 +27,7 @@ from pathlib import Path
 from metaflow_extensions.sandbox.core import (
     CommandTimeout,
     ConfigurationError,
+    Option,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -135,6 +136,8 @@ class TmpdirBackend(SandboxBackend):
     """Sandboxes in private temporary directories. Option ``root``: where they live."""
 
     name = "tmpdir"
+    # Declared once: get_backend coerces strings, reads METAFLOW_SANDBOX_TMPDIR_ROOT, refuses others.
+    options = (Option("root", help="where sandboxes live; default `$TMPDIR/sandbox-tmpdir-<uid>`"),)
 
     def __init__(self, root: str | None = None):
         self.root = Path(root or Path(tempfile.gettempdir()) / f"sandbox-tmpdir-{os.getuid()}")

@@ -20,6 +20,7 @@ from .errors import (
     SandboxUnavailable,
     TransientError,
 )
+from .options import Option
 from .registry import ENTRY_POINT_GROUP, available_backends, backend_class, get_backend
 from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
 
@@ -31,6 +32,7 @@ __all__ = [
     "CommandTimeout",
     "ConfigurationError",
     "ImageError",
+    "Option",
     "QuotaExceeded",
     "Resources",
     "Sandbox",

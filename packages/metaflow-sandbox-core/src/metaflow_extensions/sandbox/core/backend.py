@@ -1,6 +1,7 @@
 """The contract every backend implements: ``SandboxBackend`` creates ``Sandbox`` handles.
 
-Layer: core (bottom). Imports: the standard library and ``core.errors`` / ``core.spec``.
+Layer: core (bottom). Imports: the standard library and ``core.errors`` / ``core.spec`` /
+``core.options``.
 
 The public methods (``run``, ``upload``, ``download``, ``destroy``) live here once, for every
 backend: they validate arguments, split streamed output into lines, write downloads atomically and
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from .errors import ConfigurationError, SandboxError, SandboxUnavailable
+from .options import Option
 from .spec import CommandResult, SandboxInfo, SandboxSpec, check_env
 
 LineCallback = Callable[[str], None]
@@ -222,9 +224,10 @@ class SandboxBackend(ABC):
     """
 
     name: ClassVar[str]
-    #: Options that carry credentials, each with the environment variable to set instead. Callers
-    #: that persist their options (Metaflow saves decorator attributes with the run) refuse them.
-    secret_options: ClassVar[Mapping[str, str]] = {}
+    #: The options the constructor takes, declared once (``core.options``): ``get_backend`` coerces,
+    #: defaults and checks them against this before constructing. ``None``: undeclared, options
+    #: are passed through unchecked (for backends written before declarations existed).
+    options: ClassVar[tuple[Option, ...] | None] = None
     #: Whether commands in its sandboxes run under the launcher's own Python interpreter, so that
     #: bytecode compiled by the launcher is valid there (callers may then ship ``.pyc`` files).
     runs_launcher_python: ClassVar[bool] = False

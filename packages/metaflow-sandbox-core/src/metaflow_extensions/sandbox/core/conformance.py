@@ -27,7 +27,9 @@ import hashlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,27 +60,28 @@ class BackendConformance:
         return {"suite": "conformance", "case": uuid.uuid4().hex[:10]}
 
     @pytest.fixture
-    def sandbox(self, backend: SandboxBackend, labels: dict[str, str]):
+    def sandbox(self, backend: SandboxBackend, labels: dict[str, str]) -> Iterator[Sandbox]:
         with backend.create(self.spec(labels=labels)) as sbx:
             yield sbx
 
-    def spec(self, **kwargs) -> SandboxSpec:
+    def spec(self, **kwargs: Any) -> SandboxSpec:
         return SandboxSpec(image=self.image, **kwargs)
 
     # -- run ---------------------------------------------------------------------------------
 
-    def test_exit_code_stdout_stderr_and_env(self, backend: SandboxBackend):
+    def test_exit_code_stdout_stderr_and_env(self, backend: SandboxBackend) -> None:
         with backend.create(self.spec(env={"A": "1"})) as sbx:
-            out, err = [], []
+            out: list[str] = []
+            err: list[str] = []
             res = sbx.run("echo $A; echo oops >&2; exit 3", timeout_s=60, on_stdout=out.append, on_stderr=err.append)
         assert (res.exit_code, res.stdout, res.stderr) == (3, "1\n", "oops\n")
         assert (out, err) == (["1"], ["oops"])
 
-    def test_zero_exit_and_signal_exit(self, sandbox: Sandbox):
+    def test_zero_exit_and_signal_exit(self, sandbox: Sandbox) -> None:
         assert sandbox.run("true").exit_code == 0
         assert sandbox.run("kill -9 $$").exit_code == 137
 
-    def test_streamed_lines_arrive_in_order_across_streams(self, sandbox: Sandbox):
+    def test_streamed_lines_arrive_in_order_across_streams(self, sandbox: Sandbox) -> None:
         seen: list[str] = []
         script = "echo a; sleep 0.3; echo b >&2; sleep 0.3; echo c; sleep 0.3; printf 'no newline' >&2"
         res = sandbox.run(
@@ -87,7 +90,7 @@ class BackendConformance:
         assert seen == ["out:a", "err:b", "out:c", "err:no newline"]
         assert (res.stdout, res.stderr) == ("a\nc\n", "b\nno newline")
 
-    def test_output_streams_while_the_command_runs(self, sandbox: Sandbox):
+    def test_output_streams_while_the_command_runs(self, sandbox: Sandbox) -> None:
         # The command only finishes once we react to its first line: batching output until exit
         # would make it time out.
         def on_line(line: str) -> None:
@@ -99,13 +102,15 @@ class BackendConformance:
         )
         assert res.stdout == "ready\ndone\n"
 
-    def test_large_and_unicode_output(self, sandbox: Sandbox):
+    def test_large_and_unicode_output(self, sandbox: Sandbox) -> None:
         lines: list[str] = []
         res = sandbox.run("seq 1 200000; printf 'h\\xc3\\xa9llo \\xe2\\x9c\\x93\\n'", on_stdout=lines.append)
         assert lines[:2] == ["1", "2"] and lines[199999] == "200000" and lines[-1] == "héllo ✓"
         assert len(lines) == 200001 and res.stdout.endswith("héllo ✓\n")
 
-    def test_env_per_command_and_launcher_env_not_leaked(self, backend: SandboxBackend, monkeypatch):
+    def test_env_per_command_and_launcher_env_not_leaked(
+        self, backend: SandboxBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         monkeypatch.setenv(LEAK_VAR, "must-not-leak")
         with backend.create(self.spec(env={"A": "spec", "B": "spec"})) as sbx:
             res = sbx.run(f'echo "$A $B ${{{LEAK_VAR}:-unset}}"', env={"B": "cmd"})
@@ -113,7 +118,9 @@ class BackendConformance:
         assert res.stdout == "spec cmd unset\n"
         assert again.stdout == "spec\n"
 
-    def test_env_names_are_never_shell_code_and_values_arrive_verbatim(self, backend: SandboxBackend, labels):
+    def test_env_names_are_never_shell_code_and_values_arrive_verbatim(
+        self, backend: SandboxBackend, labels: dict[str, str]
+    ) -> None:
         # Backends export variables in shell scripts: a name must not be able to run code there.
         injected = {"X; echo INJECTED >&2; Y": "v"}
         with pytest.raises(ConfigurationError, match="not a valid environment variable name"):
@@ -125,7 +132,7 @@ class BackendConformance:
             res = sbx.run('printf "%s|%s" "$SPEC_V" "$CMD_V"', env={"CMD_V": hostile})
         assert res.stdout == f"{hostile}|{hostile}" and "INJECTED" not in res.stderr
 
-    def test_timeout_raises_and_kills_the_process_tree(self, sandbox: Sandbox):
+    def test_timeout_raises_and_kills_the_process_tree(self, sandbox: Sandbox) -> None:
         with pytest.raises(CommandTimeout) as info:
             sandbox.run("echo started; sleep 271 & sleep 272; echo never", timeout_s=2)
         assert info.value.timeout_s == 2
@@ -133,20 +140,20 @@ class BackendConformance:
         assert sandbox.run(COUNT_PROCS.format("sleep 27[12]")).stdout.strip() == "0"
         assert sandbox.run("echo still usable").stdout == "still usable\n"
 
-    def test_bad_timeout_is_a_configuration_error(self, sandbox: Sandbox):
+    def test_bad_timeout_is_a_configuration_error(self, sandbox: Sandbox) -> None:
         with pytest.raises(ConfigurationError):
             sandbox.run("true", timeout_s=0)
 
     # -- files -------------------------------------------------------------------------------
 
-    def test_relative_paths_are_the_run_working_directory(self, sandbox: Sandbox, tmp_path: Path):
+    def test_relative_paths_are_the_run_working_directory(self, sandbox: Sandbox, tmp_path: Path) -> None:
         sandbox.upload(b"hello\n", "sub/dir/in.txt")
         assert sandbox.run("cat sub/dir/in.txt").stdout == "hello\n"
         sandbox.run("echo made > made.txt")
         sandbox.download("made.txt", tmp_path / "made.txt")
         assert (tmp_path / "made.txt").read_text() == "made\n"
 
-    def test_binary_round_trip_bytes_and_path(self, sandbox: Sandbox, tmp_path: Path):
+    def test_binary_round_trip_bytes_and_path(self, sandbox: Sandbox, tmp_path: Path) -> None:
         payload = bytes(range(256)) * 17 + b"\r\n\x00end"
         sandbox.upload(payload, "bin/a.bin")
         local = tmp_path / "b.bin"
@@ -158,7 +165,7 @@ class BackendConformance:
         assert (tmp_path / "b.out").read_bytes() == payload[::-1]
         assert sandbox.run("wc -c < bin/a.bin").stdout.strip() == str(len(payload))
 
-    def test_100_mib_round_trip(self, sandbox: Sandbox, tmp_path: Path):
+    def test_100_mib_round_trip(self, sandbox: Sandbox, tmp_path: Path) -> None:
         src = tmp_path / "big.bin"
         with src.open("wb") as f:
             for _ in range(100):
@@ -169,18 +176,18 @@ class BackendConformance:
         sandbox.download("big.bin", tmp_path / "back.bin")
         assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).hexdigest() == digest
 
-    def test_download_missing_file_is_typed_and_leaves_nothing(self, sandbox: Sandbox, tmp_path: Path):
+    def test_download_missing_file_is_typed_and_leaves_nothing(self, sandbox: Sandbox, tmp_path: Path) -> None:
         with pytest.raises(SandboxFileNotFound):
             sandbox.download("no/such/file", tmp_path / "x")
         assert list(tmp_path.iterdir()) == []
 
-    def test_upload_missing_local_file_is_a_configuration_error(self, sandbox: Sandbox, tmp_path: Path):
+    def test_upload_missing_local_file_is_a_configuration_error(self, sandbox: Sandbox, tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError):
             sandbox.upload(tmp_path / "absent", "x")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def test_list_by_labels(self, backend: SandboxBackend, labels: dict[str, str]):
+    def test_list_by_labels(self, backend: SandboxBackend, labels: dict[str, str]) -> None:
         with backend.create(self.spec(labels=labels)) as sbx:
             other = {**labels, "case": labels["case"] + "-other"}
             with backend.create(self.spec(labels=other)) as sbx2:
@@ -190,7 +197,7 @@ class BackendConformance:
                 assert dict(found[sbx.id].labels).items() >= labels.items()
         assert backend.list(labels=labels) == []
 
-    def test_destroy_is_idempotent_and_final(self, backend: SandboxBackend, labels: dict[str, str]):
+    def test_destroy_is_idempotent_and_final(self, backend: SandboxBackend, labels: dict[str, str]) -> None:
         sbx = backend.create(self.spec(labels=labels))
         sbx.destroy()
         sbx.destroy()
@@ -199,7 +206,9 @@ class BackendConformance:
             sbx.run("true")
         backend.destroy(sbx.id)  # already gone: not an error
 
-    def test_backend_destroy_by_id_stops_running_commands(self, backend: SandboxBackend, labels: dict[str, str]):
+    def test_backend_destroy_by_id_stops_running_commands(
+        self, backend: SandboxBackend, labels: dict[str, str]
+    ) -> None:
         sbx = backend.create(self.spec(labels=labels))
         errors: list[BaseException] = []
 
@@ -220,7 +229,7 @@ class BackendConformance:
         assert backend.list(labels=labels) == []
         sbx.destroy()
 
-    def test_leaving_the_block_on_error_destroys(self, backend: SandboxBackend, labels: dict[str, str]):
+    def test_leaving_the_block_on_error_destroys(self, backend: SandboxBackend, labels: dict[str, str]) -> None:
         with pytest.raises(RuntimeError), backend.create(self.spec(labels=labels)) as sbx:
             assert backend.list(labels=labels)[0].id == sbx.id
             raise RuntimeError("user code failed")

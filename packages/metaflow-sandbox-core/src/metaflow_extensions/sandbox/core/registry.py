@@ -1,6 +1,7 @@
 """The backend registry: names to ``SandboxBackend`` classes, through entry points.
 
-Layer: core (bottom). Imports: the standard library, ``core.errors`` and ``core.backend``.
+Layer: core (bottom). Imports: the standard library, ``core.errors``, ``core.options`` and
+``core.backend``.
 
 Backends register in the entry point group ``metaflow_sandbox.backends`` as
 ``name = "module:Class"``; the built-in ``local`` backend registers the same way, so a third-party
@@ -16,6 +17,7 @@ from typing import Any
 
 from .backend import SandboxBackend
 from .errors import BackendNotFound, ConfigurationError
+from .options import resolve
 
 ENTRY_POINT_GROUP = "metaflow_sandbox.backends"
 
@@ -69,10 +71,14 @@ def backend_class(name: str) -> type[SandboxBackend]:
 def get_backend(name: str, **options: Any) -> SandboxBackend:
     """Construct the backend ``name`` with its backend-specific ``options``.
 
-    Raises ``ConfigurationError`` (never a provider exception) for an unknown name, a missing SDK,
-    missing credentials or a bad option, before any sandbox is created.
+    Options are resolved against the backend's declaration (``core.options.resolve``): strings are
+    coerced, unset ones come from ``METAFLOW_SANDBOX_<NAME>_<OPTION>`` or the provider's variables,
+    unknown ones are refused. Raises ``ConfigurationError`` (never a provider exception) for an
+    unknown name, a missing SDK, missing credentials or a bad option, before any sandbox is created.
     """
     cls = backend_class(name)
+    if cls.options is not None:
+        options = resolve(name, cls.options, options)
     try:
         return cls(**options)
     except TypeError as e:

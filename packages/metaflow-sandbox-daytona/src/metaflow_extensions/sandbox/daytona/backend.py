@@ -32,6 +32,7 @@ from metaflow_extensions.sandbox.core import (
     CommandTimeout,
     ConfigurationError,
     ImageError,
+    Option,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -216,7 +217,15 @@ class DaytonaBackend(SandboxBackend):
     """
 
     name = "daytona"
-    secret_options = {"api_key": "DAYTONA_API_KEY"}
+    options = (
+        Option("api_key", secret=True, env=("DAYTONA_API_KEY",),
+               help="API key (or `DAYTONA_JWT_TOKEN` + `DAYTONA_ORGANIZATION_ID`)"),
+        Option("api_url", env=("DAYTONA_API_URL",), help="default `https://app.daytona.io/api`"),
+        Option("target", env=("DAYTONA_TARGET",), help="the region; default the organization's"),
+        Option("snapshot", help="snapshot for sandboxes without an image; default Daytona's"),
+        Option("create_timeout_s", float, 300.0, positive=True, help="bound on creating (and building) a sandbox"),
+        Option("check_interval_s", float, 15.0, positive=True, help="how often a running command is checked"),
+    )  # fmt: skip
 
     def __init__(
         self,

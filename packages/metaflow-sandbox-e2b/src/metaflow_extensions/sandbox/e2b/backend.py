@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from metaflow_extensions.sandbox.core import (
     ConfigurationError,
+    Option,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -270,7 +271,17 @@ class E2BBackend(SandboxBackend):
     """
 
     name = "e2b"
-    secret_options = {"api_key": "E2B_API_KEY"}
+    options = (
+        Option("api_key", secret=True, env=("E2B_API_KEY",), help="API key"),
+        Option("template", help="template for specs without an image; default E2B's `base`"),
+        Option("workdir", default=WORKDIR, help="where commands run and relative paths point"),
+        Option("check_interval_s", float, 30.0, positive=True, help="how often a running command is checked"),
+        Option("request_timeout_s", float, 60.0, positive=True, help="bound on each API call and command start"),
+        Option("max_timeout_s", int, 3600, positive=True, help="cap on the sandbox timeout (Hobby 1 h, Pro 24 h)"),
+        Option("api_url", env=("E2B_API_URL",), help="self-hosted E2B, or the test emulator"),
+        Option("sandbox_url", env=("E2B_SANDBOX_URL",), help="self-hosted E2B, or the test emulator"),
+        Option("domain", env=("E2B_DOMAIN",), help="default `e2b.app`"),
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -230,9 +230,10 @@ class SandboxDecorator(StepDecorator):
         backend = self.attributes["backend"]
         declared: dict[str, str] = {}
         if os.environ.get(IN_SANDBOX_ENV) is None:  # entry points exist only on the launcher side
+            from metaflow_extensions.sandbox.core.options import secret_variables
             from metaflow_extensions.sandbox.core.registry import backend_class
 
-            declared = dict(backend_class(backend).secret_options)
+            declared = secret_variables(backend, backend_class(backend).options or ())
         for option in self.attributes["options"]:
             if option in declared:
                 variable = f"${declared[option]}"

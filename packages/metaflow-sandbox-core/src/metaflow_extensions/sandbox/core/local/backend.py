@@ -33,8 +33,17 @@ from typing import Any
 
 from ..backend import Sandbox, SandboxBackend
 from ..errors import CommandTimeout, ConfigurationError, SandboxError, SandboxFileNotFound, SandboxUnavailable
+from ..options import Option
 from ..spec import SandboxInfo, SandboxSpec
-from .isolation import WORKDIR, base_env, bwrap_prefix, prepare_rootfs, resolve_isolation, supervisor_prefix
+from .isolation import (
+    ISOLATION_MODES,
+    WORKDIR,
+    base_env,
+    bwrap_prefix,
+    prepare_rootfs,
+    resolve_isolation,
+    supervisor_prefix,
+)
 from .processes import Stopped, kill_tree, stream_process
 
 ROOT_ENV = "METAFLOW_SANDBOX_LOCAL_ROOT"
@@ -266,6 +275,10 @@ class LocalBackend(SandboxBackend):
 
     name = "local"
     runs_launcher_python = True
+    options = (
+        Option("isolation", default="auto", choices=ISOLATION_MODES, help="how commands are isolated (see below)"),
+        Option("root", help="where sandboxes live; default `$TMPDIR/metaflow-sandbox-local-<uid>`"),
+    )
 
     def __init__(self, isolation: str | None = None, root: str | os.PathLike[str] | None = None):
         self.isolation = resolve_isolation(isolation)
