@@ -91,22 +91,26 @@ def _source_digest() -> str:
 
 
 def wheels(session: nox.Session, *shorts: str) -> list[str]:
-    """Paths of the built wheels of ``shorts`` (building all our packages once per source state)."""
+    """Paths of the built wheels of ``shorts``, each built once per source state of all our packages
+    (a session that needs two packages does not wait for the other two to build)."""
     out = WHEELHOUSE / _source_digest()
-    if not out.exists():
-        tmp = out.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for short, dist in PACKAGES.items():
-            if present(short):
-                session.run(
-                    sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp),
-                    str(ROOT / "packages" / dist), external=True,
-                )  # fmt: skip
-        tmp.rename(out)
+    out.mkdir(parents=True, exist_ok=True)
     found = []
     for short in shorts:
         stem = PACKAGES[short].replace("-", "_")
         matches = sorted(out.glob(f"{stem}-*.whl"))
+        if not matches:
+            # Build beside the wheelhouse, then move the wheel in: a concurrent nox never sees half a file.
+            tmp = out.with_name(f"{out.name}.{short}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            session.run(
+                sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp),
+                str(ROOT / "packages" / PACKAGES[short]), external=True,
+            )  # fmt: skip
+            for wheel in tmp.glob("*.whl"):
+                os.replace(wheel, out / wheel.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            matches = sorted(out.glob(f"{stem}-*.whl"))
         if not matches:
             session.error(f"No wheel for {PACKAGES[short]} in {out}")
         found.append(str(matches[-1]))
