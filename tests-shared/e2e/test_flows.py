@@ -190,3 +190,13 @@ def test_bad_arguments_fail_before_anything_runs(flowdir, args, message):
 def test_deployers_fail_fast(flowdir):
     proc = flowdir.run("linear_flow.py", "argo-workflows", "create", ok=False)
     assert "cannot deploy" in proc.stdout + proc.stderr
+
+
+def test_sandbox_doctor_checks_the_flows_backend(flowdir, backend_name):
+    proc = flowdir.run("linear_flow.py", "sandbox", "doctor")
+    out = proc.stdout
+    assert "ok    metaflow-sandbox: metaflow: " in out and "ok    metaflow: datastore: local" in out
+    assert "ok    metaflow: extension: @sandbox, @daytona, @e2b" in out
+    assert f"ok    {backend_name}: sandbox: " in out and f"ok    {backend_name}: destroyed" in out
+    assert out.rstrip().endswith("All is well.")
+    assert flowdir.live_sandboxes("linear_flow.py") == []

@@ -216,6 +216,8 @@ class DaytonaBackend(SandboxBackend):
     """
 
     name = "daytona"
+    # The deprecated alias ships the same SDK under another name (sdk.py imports either).
+    sdk_aliases = {"daytona": "daytona-sdk"}
 
     def __init__(
         self,
