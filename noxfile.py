@@ -198,8 +198,13 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     """Real Metaflow flows with @sandbox on one backend and one Metaflow release."""
     if not present("plugins"):
         session.skip("packages/metaflow-sandbox is not in this tree yet")
+    # uv: the `--environment=uv` flow bootstraps its project with the uv next to the launcher's Python.
     session.install(
-        *PYTEST, *TEST_DEPS[backend], f"metaflow=={metaflow}", *wheels(session, *BACKEND_PACKAGES[backend], "plugins")
+        *PYTEST,
+        *TEST_DEPS[backend],
+        "uv",
+        f"metaflow=={metaflow}",
+        *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
     )
     show_versions(session, "metaflow")
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})

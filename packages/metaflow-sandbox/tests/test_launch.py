@@ -52,3 +52,12 @@ def test_the_task_command_carries_long_input_paths_in_variables(tmp_path: Path):
     assert json.loads(out.stdout) == [
         "--quiet", "step", "train", "--run-id", "1", "--input-paths", paths, "--tag", "it's a tag"
     ]  # fmt: skip
+
+
+def test_a_multi_word_executable_runs_after_the_environments_bootstrap(tmp_path: Path):
+    # As `uv run --no-sync python` or `$MF_ARCH/<id>/bin/python -s`: shell words, not one quoted word.
+    (tmp_path / "flow.py").write_text("import os, sys; print(os.environ['FROM_BOOTSTRAP'], sys.flags.no_site)")
+    bootstrap = ["echo bootstrapping", "flush_mflogs", "export FROM_BOOTSTRAP=yes"]
+    command = step_command(f"{sys.executable} -S", "flow.py", Args({"run-id": "1"}), {}, bootstrap=bootstrap)
+    out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout == "bootstrapping\nyes 1\n"
