@@ -143,13 +143,9 @@ def typecheck(session: nox.Session) -> None:
 def structural(session: nox.Session) -> None:
     """Layer rules, module docstrings, lazy SDK imports and wheel metadata."""
     shorts = [s for s in PACKAGES if present(s)]
-    session.install(*PYTEST, "metaflow", *wheels(session, *shorts))
-    session.run(
-        "pytest",
-        *XDIST,
-        "tests-shared/structural",
-        env={"MFSBX_WHEELHOUSE": str(Path(wheels(session, "core")[0]).parent)},
-    )
+    ours = wheels(session, *shorts)
+    session.install(*PYTEST, "metaflow", *ours)
+    session.run("pytest", *XDIST, "tests-shared/structural", env={"MFSBX_WHEELHOUSE": str(Path(ours[0]).parent)})
 
 
 @nox.session(tags=["portable"])

@@ -32,7 +32,7 @@ from typing import Any
 
 from .backend import SandboxBackend
 from .errors import BackendNotFound, ConfigurationError, SandboxError
-from .registry import _entry_points, available_backends, backend_class, get_backend
+from .registry import ENTRY_POINT_GROUP, backend_class, get_backend
 from .spec import SandboxSpec
 
 DOCTOR_ENTRY_POINT_GROUP = "metaflow_sandbox.doctor"
@@ -146,12 +146,10 @@ def requirement_findings(dist: str, label: str, aliases: Mapping[str, str] | Non
 
 def installed_findings() -> list[Finding]:
     """The installed backends, the distribution providing each and its SDK requirements."""
-    names = available_backends()
-    if not names:
-        return [Finding("backends", "fail", "no backend is installed", "pip install metaflow-sandbox-core")]
+    entries = {entry.name: entry for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     findings = []
-    for name in names:
-        dist = _entry_points()[name].dist
+    for name in sorted(entries):
+        dist = entries[name].dist
         if dist is None:
             findings.append(Finding(f"{name}: installed", "ok", "registered (distribution unknown)"))
             continue
