@@ -91,22 +91,26 @@ def _source_digest() -> str:
 
 
 def wheels(session: nox.Session, *shorts: str) -> list[str]:
-    """Paths of the built wheels of ``shorts`` (building all our packages once per source state)."""
+    """Paths of the built wheels of ``shorts``, each built once per source state of all our packages
+    (a session that needs two packages does not wait for the other two to build)."""
     out = WHEELHOUSE / _source_digest()
-    if not out.exists():
-        tmp = out.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for short, dist in PACKAGES.items():
-            if present(short):
-                session.run(
-                    sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp),
-                    str(ROOT / "packages" / dist), external=True,
-                )  # fmt: skip
-        tmp.rename(out)
+    out.mkdir(parents=True, exist_ok=True)
     found = []
     for short in shorts:
         stem = PACKAGES[short].replace("-", "_")
         matches = sorted(out.glob(f"{stem}-*.whl"))
+        if not matches:
+            # Build beside the wheelhouse, then move the wheel in: a concurrent nox never sees half a file.
+            tmp = out.with_name(f"{out.name}.{short}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            session.run(
+                sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp),
+                str(ROOT / "packages" / PACKAGES[short]), external=True,
+            )  # fmt: skip
+            for wheel in tmp.glob("*.whl"):
+                os.replace(wheel, out / wheel.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            matches = sorted(out.glob(f"{stem}-*.whl"))
         if not matches:
             session.error(f"No wheel for {PACKAGES[short]} in {out}")
         found.append(str(matches[-1]))
@@ -139,13 +143,9 @@ def typecheck(session: nox.Session) -> None:
 def structural(session: nox.Session) -> None:
     """Layer rules, module docstrings, lazy SDK imports and wheel metadata."""
     shorts = [s for s in PACKAGES if present(s)]
-    session.install(*PYTEST, "metaflow", *wheels(session, *shorts))
-    session.run(
-        "pytest",
-        *XDIST,
-        "tests-shared/structural",
-        env={"MFSBX_WHEELHOUSE": str(Path(wheels(session, "core")[0]).parent)},
-    )
+    ours = wheels(session, *shorts)
+    session.install(*PYTEST, "metaflow", *ours)
+    session.run("pytest", *XDIST, "tests-shared/structural", env={"MFSBX_WHEELHOUSE": str(Path(ours[0]).parent)})
 
 
 @nox.session(tags=["portable"])
@@ -210,8 +210,13 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     """Real Metaflow flows with @sandbox on one backend and one Metaflow release."""
     if not present("plugins"):
         session.skip("packages/metaflow-sandbox is not in this tree yet")
+    # uv: the `--environment=uv` flow bootstraps its project with the uv next to the launcher's Python.
     session.install(
-        *PYTEST, *TEST_DEPS[backend], f"metaflow=={metaflow}", *wheels(session, *BACKEND_PACKAGES[backend], "plugins")
+        *PYTEST,
+        *TEST_DEPS[backend],
+        "uv",
+        f"metaflow=={metaflow}",
+        *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
     )
     show_versions(session, "metaflow")
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})

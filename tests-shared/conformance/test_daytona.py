@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from sandbox_testing.daytona import (  # noqa: F401 - daytona_emulator is a fixt
     EMULATOR_API_KEY,
     NO_FAULTS,
     daytona_emulator,
+    emulator_env,
     emulator_state,
     set_faults,
     start_emulator,
@@ -272,6 +274,51 @@ def test_ctrl_c_of_the_caller_destroys_its_sandbox(emulator):
             break
         time.sleep(0.1)
     assert emulator_state(emulator)["live"] == 0
+
+
+# -- metaflow-sandbox doctor ----------------------------------------------------------------------
+
+
+def doctor(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The installed ``metaflow-sandbox`` console script, without the caller's Daytona settings."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAYTONA_")}
+    script = os.path.join(os.path.dirname(sys.executable), "metaflow-sandbox")
+    return subprocess.run(
+        [script, "doctor", *args], check=False, capture_output=True, text=True, timeout=300, env={**base, **env}
+    )
+
+
+def test_doctor_without_an_api_key_fails_naming_it():
+    proc = doctor("--backend", "daytona", env={})
+    assert proc.returncode == 1, proc.stdout
+    assert "FAIL  daytona: configured: The daytona backend needs a Daytona API key and DAYTONA_API_KEY is not set" in (
+        proc.stdout
+    )
+    assert "fix: Create a key at" in proc.stdout and "export DAYTONA_API_KEY=" in proc.stdout
+
+
+def test_doctor_passes_against_the_emulator_and_leaves_no_sandbox(emulator):
+    before = emulator_state(emulator)
+    proc = doctor("--backend", "daytona", env=emulator_env(emulator))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "ok    daytona: installed: metaflow-sandbox-daytona" in out
+    # The SDK against the range the backend's distribution declares (daytona, or its alias alone).
+    assert re.search(r"ok    daytona: daytona: daytona(-sdk \(an alias of daytona\))? \S+ \(supported: ", out), out
+    assert "ok    daytona: configured" in out
+    assert re.search(r"ok    daytona: API: listing sandboxes took \d+ ms", out), out
+    assert re.search(r"ok    daytona: sandbox: \S+ created in \d+ ms, ran a command in \d+ ms", out), out
+    assert "ok    daytona: destroyed" in out and out.rstrip().endswith("All is well.")
+    after = emulator_state(emulator)
+    assert (after["created"] - before["created"], after["destroyed"] - before["destroyed"]) == (1, 1)
+    assert after["live"] == 0
+
+
+def test_doctor_reports_a_rejected_key_with_its_fix(emulator):
+    proc = doctor("--backend", "daytona", env={**emulator_env(emulator), "DAYTONA_API_KEY": "invalid-key"})
+    assert proc.returncode == 1
+    assert "FAIL  daytona: API:" in proc.stdout and "DAYTONA_API_KEY" in proc.stdout
+    assert "daytona: sandbox" not in proc.stdout  # no sandbox is attempted once the API refuses
 
 
 # -- the real service -----------------------------------------------------------------------------

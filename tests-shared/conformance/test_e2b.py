@@ -8,6 +8,8 @@ Layer: tests-shared. Imports: pytest, the standard library, core and ``sandbox_t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,14 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 from metaflow_extensions.sandbox.core.conformance import BackendConformance
-from sandbox_testing.e2b import EMULATOR_API_KEY, e2b_emulator, emulator_state, set_faults, start_emulator
+from sandbox_testing.e2b import (
+    EMULATOR_API_KEY,
+    e2b_emulator,
+    emulator_env,
+    emulator_state,
+    set_faults,
+    start_emulator,
+)
 
 __all__ = ["e2b_emulator"]  # the fixture, imported so pytest finds it
 
@@ -176,6 +185,26 @@ def test_nothing_is_left_live(e2b_emulator):
         t.join()
     state = emulator_state(e2b_emulator)
     assert state["created"] >= 4 and state["live"] == 0
+
+
+def doctor(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The installed ``metaflow-sandbox`` console script, without the caller's E2B settings."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
+    script = os.path.join(os.path.dirname(sys.executable), "metaflow-sandbox")
+    return subprocess.run(
+        [script, "doctor", *args], check=False, capture_output=True, text=True, timeout=300, env={**base, **env}
+    )
+
+
+def test_doctor_fails_without_a_key_and_passes_against_the_emulator(e2b_emulator):
+    proc = doctor("--backend", "e2b", env={})
+    assert proc.returncode == 1 and "FAIL  e2b: configured" in proc.stdout and "E2B_API_KEY" in proc.stdout
+    before = emulator_state(e2b_emulator)
+    proc = doctor("--backend", "e2b", env=emulator_env(e2b_emulator))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok    e2b: e2b: " in proc.stdout and "ok    e2b: destroyed" in proc.stdout
+    after = emulator_state(e2b_emulator)
+    assert (after["created"] - before["created"], after["live"]) == (1, 0)
 
 
 def _live_configured() -> bool:

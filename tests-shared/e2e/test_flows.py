@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import importlib.util
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from sandbox_testing.flows import interrupt, wait_for_line
+from sandbox_testing.wheels import pure_wheel, repack_with_requirements
 
 pytestmark = pytest.mark.e2e
 
@@ -213,3 +220,53 @@ def test_bad_arguments_fail_before_anything_runs(flowdir, args, message):
 def test_deployers_fail_fast(flowdir):
     proc = flowdir.run("linear_flow.py", "argo-workflows", "create", ok=False)
     assert "cannot deploy" in proc.stdout + proc.stderr
+
+
+def test_sandbox_doctor_checks_the_flows_backend(flowdir, backend_name):
+    proc = flowdir.run("linear_flow.py", "sandbox", "doctor")
+    out = proc.stdout
+    assert "ok    metaflow-sandbox: metaflow: " in out and "ok    metaflow: datastore: local" in out
+    assert "ok    metaflow: extension: @sandbox, @daytona, @e2b" in out
+    assert f"ok    {backend_name}: sandbox: " in out and f"ok    {backend_name}: destroyed" in out
+    assert out.rstrip().endswith("All is well.")
+    assert flowdir.live_sandboxes("linear_flow.py") == []
+
+
+def test_uv_environment_is_bootstrapped_in_every_sandbox(flowdir, backend_name):
+    # `--environment=uv`: each sandbox syncs the project from its uv.lock (shipped in the code
+    # package) before the step runs with `uv run --no-sync python`; offline, from wheels next to
+    # the flow: the project's own package (which the launcher's environment lacks) and what
+    # Metaflow's bootstrap installs for the local datastore (requests and its dependencies).
+    if backend_name != "local":
+        # The bootstrap is the same shell on every backend (it passed against both emulators when
+        # written); a provider cell spends ~20 s more on it, so the matrix runs it on local only.
+        pytest.skip("the uv environment is tested on the local backend only, to keep the e2e matrix lean")
+    if importlib.util.find_spec("metaflow.plugins.uv") is None:
+        pytest.skip(f"Metaflow {importlib.metadata.version('metaflow')} has no uv environment")
+    bootstrap = Path(importlib.util.find_spec("metaflow.plugins.uv.bootstrap").origin).read_text()
+    if "metaflow.info_file" in bootstrap and importlib.util.find_spec("metaflow.info_file") is None:
+        # Metaflow's own bug (2.16.0): its uv bootstrap imports a module the release lacks, so
+        # `--environment=uv` fails the same way under @batch.
+        pytest.skip(f"Metaflow {importlib.metadata.version('metaflow')}'s uv bootstrap imports metaflow.info_file")
+    uv = shutil.which("uv", path=os.path.dirname(sys.executable))
+    assert uv, "the e2e session installs uv next to the launcher's Python (nox: e2e)"
+    wheels = flowdir.path / "wheels"
+    dep = pure_wheel(wheels, "mfsbx-uvdep", "0.1.0", {"mfsbx_uvdep/__init__.py": 'VALUE = "from-the-uv-project"\n'})
+    repack_with_requirements(wheels, "requests")
+    (flowdir.path / "pyproject.toml").write_text(
+        '[project]\nname = "uvflow"\nversion = "0.1.0"\nrequires-python = ">=3.10"\n'
+        'dependencies = ["mfsbx-uvdep"]\n\n'
+        f'[tool.uv.sources]\nmfsbx-uvdep = {{ path = "wheels/{dep.name}" }}\n'
+    )
+    subprocess.run([uv, "lock", "--offline"], cwd=flowdir.path, check=True, capture_output=True)
+    assert importlib.util.find_spec("mfsbx_uvdep") is None, "the launcher's environment must lack the package"
+    flowdir.run("uv_flow.py", "--environment=uv", "--package-suffixes=.py,.whl", "run")
+    run = flowdir.inspect("UvFlow")
+    assert run["successful"]
+    start, end = task(run, "start"), task(run, "end")
+    assert start["artifacts"]["value"] == end["artifacts"]["end_value"] == "from-the-uv-project"
+    assert start["artifacts"]["sandboxed"] and end["artifacts"]["end_sandboxed"]
+    assert start["sandbox"]["sandbox-backend"] == end["sandbox"]["sandbox-backend"] == backend_name
+    assert end["artifacts"]["end_python"].endswith("/.venv/bin/python"), end["artifacts"]["end_python"]
+    assert "uv project bootstrapped." in start["stdout"]
+    assert flowdir.live_sandboxes("uv_flow.py") == []

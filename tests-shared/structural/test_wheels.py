@@ -51,3 +51,16 @@ def test_metaflow_loads_every_distribution_by_name():
     for wheel in WHEELS:
         dist = wheel.name.split("-")[0].replace("_", "-")
         assert dist in out.stdout + out.stderr, f"Metaflow did not list {dist} as an extension distribution"
+
+
+def test_every_distribution_has_one_version_and_pins_the_others_to_it():
+    # Released together: a core from one release under a backend of another is never tested.
+    versions = {w.name.split("-")[0]: w.name.split("-")[1] for w in WHEELS}
+    assert len(set(versions.values())) == 1, versions
+    (version,) = set(versions.values())
+    for wheel in WHEELS:
+        with zipfile.ZipFile(wheel) as zf:
+            metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        for line in metadata.splitlines():
+            if line.startswith("Requires-Dist: metaflow-sandbox"):
+                assert f"=={version}" in line, f"{wheel.name}: {line} (every sibling is pinned to {version})"

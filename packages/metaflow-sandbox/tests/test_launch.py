@@ -81,3 +81,12 @@ def test_request_files_are_private_and_none_outlives_its_runtime(tmp_path, monke
     assert [p.name for p in folder.iterdir()] == [path.name], "a dead runtime's request is swept"
     launch.forget_requests()  # the run ended: what no launcher read is gone
     assert list(folder.iterdir()) == []
+
+
+def test_a_multi_word_executable_runs_after_the_environments_bootstrap(tmp_path: Path):
+    # As `uv run --no-sync python` or `$MF_ARCH/<id>/bin/python -s`: shell words, not one quoted word.
+    (tmp_path / "flow.py").write_text("import os, sys; print(os.environ['FROM_BOOTSTRAP'], sys.flags.no_site)")
+    bootstrap = ["echo bootstrapping", "flush_mflogs", "export FROM_BOOTSTRAP=yes"]
+    command = step_command(f"{sys.executable} -S", "flow.py", Args({"run-id": "1"}), {}, bootstrap=bootstrap)
+    out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout == "bootstrapping\nyes 1\n"

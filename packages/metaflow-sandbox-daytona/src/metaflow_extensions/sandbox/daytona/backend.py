@@ -226,6 +226,8 @@ class DaytonaBackend(SandboxBackend):
         Option("create_timeout_s", float, 300.0, positive=True, help="bound on creating (and building) a sandbox"),
         Option("check_interval_s", float, 15.0, positive=True, help="how often a running command is checked"),
     )  # fmt: skip
+    # The deprecated alias ships the same SDK under another name (sdk.py imports either).
+    sdk_aliases = {"daytona": "daytona-sdk"}
 
     def __init__(
         self,

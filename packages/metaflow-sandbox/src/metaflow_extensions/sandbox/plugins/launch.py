@@ -6,10 +6,11 @@ metaflow, the core registry, ``plugins.executor`` (``TaskRequest``), ``plugins.s
 ``plugins.metadata``, ``plugins.compat``.
 
 Everything the launcher needs is known here, where Metaflow and the flow are loaded already: the
-real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox),
-the datastore location, the environment, labels, limits and the code package (from memory: the
-runtime holds it), unpacked once per package into a cached archive. The request travels as a
-private file, never on a command line.
+real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox,
+after the environment's bootstrap commands as ``@batch`` runs them), the datastore location, the
+environment, labels, limits and the code package (from memory: the runtime holds it), unpacked
+once per package into a cached archive. The request travels as a private file, never on a command
+line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from metaflow import util
@@ -124,7 +126,13 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     return TaskRequest(
         backend=attrs["backend"],
         backend_options=attrs["options"],
-        step_command=step_command(deco.environment.executable(step), flow_file, cli_args, input_env),
+        step_command=step_command(
+            deco.environment.executable(step),
+            flow_file,
+            cli_args,
+            input_env,
+            bootstrap=deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE),
+        ),
         location=location,
         input_paths=util.decompress_list(compressed) if compressed else [],
         extract_commands=extract,
@@ -151,9 +159,16 @@ def chunked(prefix: str, value: str) -> dict[str, str]:
     }
 
 
-def step_command(executable: str, flow_file: str, cli_args: Any, input_env: dict[str, str]) -> str:
+def step_command(
+    executable: str, flow_file: str, cli_args: Any, input_env: dict[str, str], bootstrap: Sequence[str] = ()
+) -> str:
     """The runtime's own ``flow.py step`` command line as a shell command run from the unpacked
-    code, with the input paths read from ``input_env``'s variables."""
+    code, with the input paths read from ``input_env``'s variables, after the environment's
+    ``bootstrap`` commands (``--environment=uv``, ``@pypi``/``@conda``: what ``@batch`` runs first).
+
+    ``executable`` is shell text, as with ``@batch``: ``uv run --no-sync python``, or
+    ``$MF_ARCH/<id>/bin/python -s`` for ``@conda``, must be split and expanded by the shell.
+    """
     options = cli_args.command_options
     original = options.get("input-paths")
     if input_env:
@@ -162,8 +177,12 @@ def step_command(executable: str, flow_file: str, cli_args: Any, input_env: dict
         args = cli_args.get_args()[len(cli_args.entrypoint) :]
     finally:
         options["input-paths"] = original
-    words = " ".join(shlex.quote(str(arg)) for arg in [executable, "-u", flow_file, *args])
-    return words.replace(_INPUT_PATHS, '"' + "".join(f"${{{name}}}" for name in input_env) + '"')
+    words = " ".join([executable, *(shlex.quote(str(arg)) for arg in ["-u", flow_file, *args])])
+    command = words.replace(_INPUT_PATHS, '"' + "".join(f"${{{name}}}" for name in input_env) + '"')
+    if not bootstrap:
+        return command
+    # Bootstraps call Metaflow's `flush_mflogs` (2.15.1+); the launcher streams output live instead.
+    return " && ".join(["flush_mflogs() { :; }", *bootstrap, command])
 
 
 def retry_delay(decos: list[Any], retry_count: int) -> int:

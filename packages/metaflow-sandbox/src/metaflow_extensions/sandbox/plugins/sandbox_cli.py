@@ -1,12 +1,14 @@
-"""``python flow.py sandbox list|kill``: find and destroy the sandboxes of a flow by their labels.
+"""``python flow.py sandbox list|kill|doctor``: find and destroy the sandboxes of a flow by their labels;
+check that the backends its steps use work here.
 
 Layer: plugins (a CLI group next to the decorator; the task itself runs through ``launch`` and
-``launcher``). Imports: metaflow, the core registry, ``plugins.metadata``.
+``launcher``). Imports: metaflow, the core registry and doctor, ``plugins.metadata``, ``plugins.doctor``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from metaflow import util
@@ -69,3 +71,29 @@ def kill(ctx: Any, run_id: str | None, my_runs: bool, backend: str | None) -> No
         ctx.obj.echo_always(f"Destroyed {info.backend}:{info.id}")
     if not found:
         ctx.obj.echo("No live sandboxes.")
+
+
+@sandbox.command(
+    "doctor",
+    help="Check the backends this flow's steps use (or --backend): installed, configured, reachable, "
+    "a sandbox created, run and destroyed; and Metaflow's version and datastore. Each problem comes "
+    "with its fix; the exit status is 1 if there is one.",
+)
+@click.option("--backend", multiple=True, help="A backend to check instead of the flow's (repeatable).")
+@click.pass_context
+def doctor(ctx: Any, backend: tuple[str, ...]) -> None:
+    from metaflow_extensions.sandbox.core.doctor import Finding, report, run_doctor
+
+    from .doctor import default_backend, flow_backends, metaflow_findings
+
+    backends: dict[str, dict[str, Any]] = {name: {} for name in backend} or flow_backends(
+        ctx.obj.flow, default_backend()
+    )
+    notes = []
+    if not backends:
+        backends = {default_backend(): {}}
+        notes.append(Finding("flow", "info", f"no step of {ctx.obj.flow.name} uses @sandbox; checked the default"))
+    findings = [*notes, *metaflow_findings(ctx.obj.flow_datastore.TYPE), *run_doctor(backends, extensions=False)]
+    status = report(findings, lambda line: ctx.obj.echo_always(line, err=False))
+    if status:
+        sys.exit(status)

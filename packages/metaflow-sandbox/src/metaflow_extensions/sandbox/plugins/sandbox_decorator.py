@@ -31,7 +31,7 @@ DEPLOYER_COMMANDS = ("argo-workflows", "step-functions", "airflow")
 OTHER_COMPUTE = ("batch", "kubernetes", "slurm", "parallel", "nvidia", "nvct")
 FAMILY = ("sandbox", "daytona", "e2b")
 # Option names that carry credentials whatever the backend (backends name theirs precisely in
-# ``SandboxBackend.secret_options``).
+# ``Option(secret=True)`` in ``SandboxBackend.options``).
 SECRET_WORDS = ("key", "token", "secret", "password", "credential")
 # How long the sandbox outlives the task's own time limit, so that @timeout fires first and @catch
 # can handle it; the hard kill is the backstop.
