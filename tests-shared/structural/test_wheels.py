@@ -7,12 +7,15 @@ Layer: tests-shared. Imports: pytest and the standard library.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 WHEELHOUSE = os.environ.get("MFSBX_WHEELHOUSE")
 WHEELS = sorted(Path(WHEELHOUSE).glob("*.whl")) if WHEELHOUSE else []
@@ -64,3 +67,15 @@ def test_every_distribution_has_one_version_and_pins_the_others_to_it():
         for line in metadata.splitlines():
             if line.startswith("Requires-Dist: metaflow-sandbox"):
                 assert f"=={version}" in line, f"{wheel.name}: {line} (every sibling is pinned to {version})"
+
+
+@pytest.mark.parametrize("backend", ["local", "daytona", "e2b"])
+def test_the_docs_option_tables_are_the_declarations(backend):
+    from metaflow_extensions.sandbox.core import backend_class
+    from metaflow_extensions.sandbox.core.options import markdown_table
+
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    match = re.search(rf"<!-- options:{backend} [^\n]*-->\n(.*?)\n<!-- /options:{backend} -->", docs, re.S)
+    assert match, f"docs/configuration.md has no generated option table for {backend}"
+    expected = markdown_table(backend, backend_class(backend).options)
+    assert match.group(1) == expected, f"regenerate the {backend} table in docs/configuration.md:\n{expected}"

@@ -49,6 +49,9 @@ from .processes import Stopped, kill_tree, stream_process
 ROOT_ENV = "METAFLOW_SANDBOX_LOCAL_ROOT"
 # ext4's "top directory" inode flag (FS_TOPDIR_FL) and the ioctls that read and set inode flags.
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+_ISOLATION_HELP = (
+    "`auto`: bubblewrap when usable, else plain processes with a warning; `bwrap`: require it; `process`: no isolation"
+)
 _NOT_FOUND_EXIT = 44  # the download helper's "no such file" exit code
 _UPLOAD = 'mkdir -p -- "$(dirname -- "$1")" && exec cat > "$1"'
 _DOWNLOAD = f'[ -f "$1" ] || exit {_NOT_FOUND_EXIT}; exec cat -- "$1"'
@@ -276,7 +279,7 @@ class LocalBackend(SandboxBackend):
     name = "local"
     runs_launcher_python = True
     options = (
-        Option("isolation", default="auto", choices=ISOLATION_MODES, help="how commands are isolated (see below)"),
+        Option("isolation", default="auto", choices=ISOLATION_MODES, help=_ISOLATION_HELP),
         Option("root", help="where sandboxes live; default `$TMPDIR/metaflow-sandbox-local-<uid>`"),
     )
 
