@@ -189,28 +189,51 @@ INJECTED_NAME = '{"X; echo INJECTED >&2; Y": "v"}'
 
 
 def _bad_arguments() -> list[object]:
+    """(arguments, environment, what the message must say): refused before "Workflow starting"."""
+    backend = os.environ.get("MFSBX_E2E_BACKEND", "local")
     cases = [
-        pytest.param(["--with", f"sandbox:env={INJECTED_NAME}"], "is not a valid environment variable", id="env-name"),
         pytest.param(
-            ["--with", f"environment:vars={INJECTED_NAME}"], "is not a valid environment variable", id="environment"
+            ["--with", f"sandbox:env={INJECTED_NAME}"], {}, "is not a valid environment variable", id="env-name"
         ),
-        pytest.param(["--with", 'sandbox:options={"api_key": "sekrit"}'], "is a credential", id="secret-option"),
-        pytest.param(["--with", "sandbox:cpu=lots"], "cpu='lots' must be a number", id="cpu"),
-        pytest.param(["--with", "sandbox:memory=-5"], "memory", id="memory"),
-        pytest.param(["--with", "sandbox:backend=nosuch"], "Unknown sandbox backend 'nosuch'", id="backend"),
-        pytest.param(["--with", "sandbox:env=notadict"], "env must be a dict", id="env"),
-    ]
+        pytest.param(
+            ["--with", f"environment:vars={INJECTED_NAME}"], {}, "is not a valid environment variable", id="environment"
+        ),
+        pytest.param(["--with", 'sandbox:options={"api_key": "sekrit"}'], {}, "is a credential", id="secret-option"),
+        pytest.param(
+            ["--with", 'sandbox:options={"colour": "blue"}'], {}, f"Unknown option 'colour' for the '{backend}'",
+            id="unknown-option",
+        ),
+        pytest.param(["--with", "sandbox:cpu=lots"], {}, "cpu='lots' must be a number", id="cpu"),
+        pytest.param(["--with", "sandbox:memory=-5"], {}, "memory", id="memory"),
+        pytest.param(["--with", "sandbox:backend=nosuch"], {}, "Unknown sandbox backend 'nosuch'", id="backend"),
+        pytest.param(["--with", "sandbox:env=notadict"], {}, "env must be a dict", id="env"),
+    ]  # fmt: skip
+    per_backend = {
+        "local": [
+            pytest.param([], {"METAFLOW_SANDBOX_LOCAL_ISOLATION": "chroot"}, "isolation='chroot' must be one of",
+                         id="isolation-variable"),
+        ],
+        "daytona": [
+            pytest.param([], {"DAYTONA_API_KEY": ""}, "DAYTONA_API_KEY is not set", id="missing-key"),
+            pytest.param(["--with", 'sandbox:options={"create_timeout_s": "soon"}'], {},
+                         "create_timeout_s='soon' must be a number", id="option-type"),
+            pytest.param([], {"DAYTONA_API_URL": "http://127.0.0.1:9/api"}, "its API did not answer",
+                         id="unreachable-api"),
+        ],
+        "e2b": [pytest.param([], {"E2B_API_KEY": ""}, "export E2B_API_KEY=", id="missing-key")],
+    }  # fmt: skip
+    cases += per_backend.get(backend, [])
     for alias, dist in (("daytona", "metaflow-sandbox-daytona"), ("e2b", "metaflow-sandbox-e2b")):
         try:
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
-            cases.append(pytest.param(["--with", alias], f"pip install {dist}", id=f"{alias}-not-installed"))
+            cases.append(pytest.param(["--with", alias], {}, f"pip install {dist}", id=f"{alias}-not-installed"))
     return cases
 
 
-@pytest.mark.parametrize(("args", "message"), _bad_arguments())
-def test_bad_arguments_fail_before_anything_runs(flowdir, args, message):
-    proc = flowdir.run("linear_flow.py", *args, "run", ok=False)
+@pytest.mark.parametrize(("args", "env", "message"), _bad_arguments())
+def test_bad_arguments_fail_before_anything_runs(flowdir, args, env, message):
+    proc = flowdir.run("linear_flow.py", *args, "run", ok=False, env=env)
     out = proc.stdout + proc.stderr
     assert "Sandbox error" in out and message in out, out
     assert "Workflow starting" not in out and "INJECTED" not in out.replace("echo INJECTED", "")

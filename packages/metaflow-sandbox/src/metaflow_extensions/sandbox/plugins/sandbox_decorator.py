@@ -27,6 +27,8 @@ IN_SANDBOX_ENV = "METAFLOW_SANDBOX_ID"
 # Commands that compile the flow for another orchestrator: they never call the runtime hooks, so
 # a sandboxed step would silently run in the orchestrator's pod instead.
 DEPLOYER_COMMANDS = ("argo-workflows", "step-functions", "airflow")
+# Commands that start tasks: the backends they use are checked before the first one starts.
+STARTS_TASKS = ("run", "resume")
 # Other compute decorators: a step runs in one place.
 OTHER_COMPUTE = ("batch", "kubernetes", "slurm", "parallel", "nvidia", "nvct")
 FAMILY = ("sandbox", "daytona", "e2b")
@@ -133,6 +135,7 @@ class SandboxDecorator(StepDecorator):
         self._check_context(step, decos, flow_datastore)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
+        self._preflight(step)
 
     def _dedupe(self, step: str, decos: list[Any]) -> bool:
         """``--with sandbox`` plus a static ``@daytona`` gives two decorators of one family: the
@@ -207,6 +210,19 @@ class SandboxDecorator(StepDecorator):
         self._refuse_secret_options(step)
         if attrs["image"] is not None and not isinstance(attrs["image"], str):
             raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
+
+    def _preflight(self, step: str) -> None:
+        """Before ``run`` or ``resume`` starts tasks: the backend works with these options."""
+        if os.environ.get(IN_SANDBOX_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
+            return
+        from metaflow_extensions.sandbox.core import SandboxError
+
+        from .preflight import check_backend
+
+        try:
+            check_backend(self.attributes["backend"], self.attributes["options"])
+        except SandboxError as e:
+            raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
 
     def _check_env(self, step: str, decos: list[Any]) -> None:
         """Every variable name the sandbox gets (``env=`` and ``@environment``) must be a shell

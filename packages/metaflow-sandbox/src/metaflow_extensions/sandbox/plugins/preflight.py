@@ -1,0 +1,38 @@
+"""Before a run starts: every backend the run's steps use is constructed with its options once
+(types, credentials) and asked one cheap question (``list``), so that bad options, missing keys and
+an unreachable API fail before "Workflow starting", naming the fix, instead of in every task.
+
+Layer: plugins (bottom: used by the decorator, in the runtime process only). Imports: the core
+API and the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from metaflow_extensions.sandbox.core import ConfigurationError, SandboxError, get_backend
+
+# Labels no sandbox carries: the answer is empty, the call proves the API answers and accepts us.
+_PROBE = {"metaflow-sandbox-preflight": "probe"}
+
+
+def check_backend(backend: str, options: dict[str, Any]) -> None:
+    """Raise ``SandboxError`` (a ``ConfigurationError`` naming the fix) if ``backend`` cannot run
+    sandboxes with ``options``; each backend and options are checked once per process."""
+    _check(backend, json.dumps(options, sort_keys=True))
+
+
+@cache
+def _check(backend: str, options_json: str) -> None:
+    instance = get_backend(backend, **json.loads(options_json))
+    try:
+        instance.list(_PROBE)
+    except ConfigurationError:
+        raise
+    except SandboxError as e:
+        raise ConfigurationError(
+            f"The {backend} backend is configured but its API did not answer ({e}).",
+            remedy="Check the API URL and your network, or retry when the provider is back.",
+        ) from e
