@@ -21,7 +21,8 @@ ALLOWED = {
     "core": (set(), set()),
     "daytona": ({"core"}, {"daytona", "daytona_sdk"}),
     "e2b": ({"core"}, {"e2b"}),
-    "plugins": ({"core"}, {"metaflow", "click"}),
+    # boto3/botocore: Metaflow's own S3 dependency, for remote datastores (imported lazily).
+    "plugins": ({"core"}, {"metaflow", "click", "boto3", "botocore"}),
 }
 
 
