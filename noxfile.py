@@ -201,6 +201,24 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
 
 
+# Remote datastores (S3 through moto_server): the oldest and the newest supported Metaflow.
+REMOTE_METAFLOW = [METAFLOW_VERSIONS[0], METAFLOW_VERSIONS[-1]]
+REMOTE_BACKENDS = [b for b in ("local",) if b in BACKENDS]
+
+
+@nox.session
+@nox.parametrize("metaflow", REMOTE_METAFLOW)
+@nox.parametrize("backend", REMOTE_BACKENDS)
+def remote(session: nox.Session, backend: str, metaflow: str) -> None:
+    """Flows on an S3 datastore (moto_server) with every step in a sandbox, on one backend."""
+    session.install(
+        *PYTEST, *TEST_DEPS[backend], "moto[server]", f"metaflow=={metaflow}",
+        *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
+    )  # fmt: skip
+    show_versions(session, "metaflow", "moto", "boto3")
+    session.run("pytest", *XDIST, "tests-shared/remote", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
+
+
 @nox.session(default=False, tags=["live"])
 def live(session: nox.Session) -> None:
     """Tests against the real providers (``-m live``); each is skipped unless its API key is set."""
