@@ -9,13 +9,11 @@ Layer: tests-shared/remote. Imports: pytest, boto3, metaflow, plugins, ``sandbox
 
 from __future__ import annotations
 
-import json
-
 import metaflow  # noqa: F401 - Metaflow loads this extension first; importing its modules alone would not
 import pytest
 
 from metaflow_extensions.sandbox.plugins import datastores
-from sandbox_testing.moto import REGION, STATIC_KEY_ID, STATIC_SECRET
+from sandbox_testing.moto import REGION, STATIC_KEY_ID, STATIC_SECRET, create_role
 
 PREFIXES = ["s3://mfsbx-e2e/creds/CredFlow"]
 
@@ -40,10 +38,7 @@ def test_static_keys_become_a_temporary_session(aws):
 def test_a_configured_role_is_assumed_with_the_flows_policy(aws, monkeypatch):
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=aws.url, region_name=REGION)
-    anyone = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
-    trust = {"Version": "2012-10-17", "Statement": [anyone]}
-    role = iam.create_role(RoleName="mfsbx-task", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    role = create_role(aws, "mfsbx-task")
     monkeypatch.setenv(datastores.ROLE_ARN_ENV, role)
     minted = datastores.mint("temporary", PREFIXES, "u")
     assert role in minted.kind and minted.expires_at is not None

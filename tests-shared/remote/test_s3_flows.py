@@ -12,7 +12,9 @@ import re
 
 import pytest
 
-from sandbox_testing.moto import STATIC_SECRET
+from sandbox_testing.moto import STATIC_SECRET, create_role
+
+ROLE_ARN = "METAFLOW_SANDBOX_S3_ROLE_ARN"
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +48,7 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     proc = s3dir.run("s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", env={"BIG_MB": "48"})
     output = proc.stdout + proc.stderr
     assert "(data path: direct)" in output
+    assert "with a temporary session (sts:GetSessionToken)." in output  # said once, before the run
     run = s3dir.inspect("S3Flow")
     assert run["successful"] and run["finished"]
     start = task(run, "start")
@@ -75,9 +78,10 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     assert not task(plain, "start")["sandbox"]
 
 
-def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed(s3dir):
+def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed_with_a_role(s3dir, s3):
     first = s3dir.run("s3_flow.py", "--with", "sandbox:credentials=forward", "run", ok=False, env={"SBX_FAIL": "1"})
     origin = run_id_of(first.stdout + first.stderr)
+    assert "with your own credentials, forwarded (credentials='forward')." in first.stdout + first.stderr
     assert "boom-s3-check" in first.stdout + first.stderr
     failed = s3dir.inspect("S3Flow", origin)
     assert not failed["successful"]
@@ -85,13 +89,16 @@ def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed(s3dir):
     start = task(failed, "start")["artifacts"]["creds"]
     assert start["in_sandbox"] and start["secret_sha"] == STATIC_SHA and not start["session_token"]
 
-    s3dir.run("s3_flow.py", "--with", "sandbox", "resume", "--origin-run-id", origin)
+    # Resumed with a role to assume: the sandboxes get its session.
+    role = create_role(s3, f"mfsbx-{s3dir.path.name}"[:64])
+    proc = s3dir.run("s3_flow.py", "--with", "sandbox", "resume", "--origin-run-id", origin, env={ROLE_ARN: role})
+    assert f"with assumed role {role}, limited to the flow's prefixes." in proc.stdout + proc.stderr
     resumed = s3dir.inspect("S3Flow")
     assert resumed["successful"] and resumed["id"] != origin
     assert task(resumed, "large")["artifacts"]["big_sha"] == task(failed, "large")["artifacts"]["big_sha"]
     check = task(resumed, "check")
     assert check["artifacts"]["big_ok"] is True and check["sandbox"]["sandbox-id"]
-    for step in ("check", "end"):  # run again, by default: temporary credentials
+    for step in ("check", "end"):  # run again, with the role's temporary credentials
         creds = task(resumed, step)["artifacts"]["creds"]
         assert creds["session_token"] and creds["secret_sha"] != STATIC_SHA
     assert s3dir.live_sandboxes("s3_flow.py") == []

@@ -11,6 +11,7 @@ in the sessions that use this module).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,19 @@ class S3Server:
             aws_access_key_id=STATIC_KEY_ID,
             aws_secret_access_key=STATIC_SECRET,
         )
+
+
+def create_role(server: S3Server, name: str) -> str:
+    """A role anyone may assume, on ``server``'s IAM; returns its ARN."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=server.url, region_name=REGION,
+        aws_access_key_id=STATIC_KEY_ID, aws_secret_access_key=STATIC_SECRET,
+    )  # fmt: skip
+    anyone = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+    trust = json.dumps({"Version": "2012-10-17", "Statement": [anyone]})
+    return str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=trust)["Role"]["Arn"])
 
 
 def _moto_server() -> str:

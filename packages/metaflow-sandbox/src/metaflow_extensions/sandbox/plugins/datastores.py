@@ -202,10 +202,10 @@ def mint(mode: str, prefixes: list[str], user: str) -> Minted:
     frozen = found.get_frozen_credentials()
     role = os.environ.get(ROLE_ARN_ENV, "").strip()
     if mode == "forward":
-        return Minted(_frozen_env(frozen), "forwarded (credentials='forward')", None)
+        return Minted(_frozen_env(frozen), "your own credentials, forwarded (credentials='forward')", None)
     if not role and frozen.token:
         # Already temporary (an assumed role, SSO, an instance profile): pass them as they are.
-        return Minted(_frozen_env(frozen), "the run's own temporary credentials", None)
+        return Minted(_frozen_env(frozen), "your own temporary credentials", None)
     duration = _duration_s()
     sts = session.client("sts", config=_boto_config())
     try:
@@ -250,6 +250,7 @@ def credentials_env(mode: str, prefixes: list[str], user: str) -> dict[str, str]
     return dict(known.env)
 
 
+@functools.cache  # once per run: the runtime asks for every task
 def region() -> str | None:
     import boto3
 
@@ -257,9 +258,16 @@ def region() -> str | None:
 
 
 @functools.cache  # once per run, for all steps
-def check_s3(datastore_root: str, mode: str, flow: str, user: str) -> None:
+def announce(logger: Any, message: str) -> None:
+    """Say ``message`` once per run (``step_init`` runs for every sandboxed step)."""
+    logger(message)
+
+
+@functools.cache  # once per run, for all steps
+def check_s3(datastore_root: str, mode: str, flow: str, user: str) -> str:
     """Before the run: the bucket exists and is reachable with the run's credentials, and the
-    sandboxes' credentials can be minted. Raises a SandboxException naming the fix."""
+    sandboxes' credentials can be minted and used. Returns what those credentials are (for the
+    user); raises a SandboxException naming the fix."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -292,4 +300,33 @@ def check_s3(datastore_root: str, mode: str, flow: str, user: str) -> None:
         ) from e
     except BotoCoreError as e:
         raise SandboxException(f"Cannot reach the S3 endpoint {where} ({e}). Check METAFLOW_S3_ENDPOINT_URL.") from e
-    credentials_env(mode, roots.flow_prefixes(flow), user)
+    return _check_sandbox_credentials(roots, mode, flow, user)
+
+
+def _check_sandbox_credentials(roots: S3Roots, mode: str, flow: str, user: str) -> str:
+    """The sandboxes' credentials can be minted and list the flow's prefix (what an assumed
+    role's session policy allows; a bucket-wide call would be refused by it)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    prefixes = roots.flow_prefixes(flow)
+    minted = credentials_env(mode, prefixes, user)
+    bucket, prefix = split_url(roots.datastore)
+    flow_prefix = f"{prefix}/{flow}/" if prefix else f"{flow}/"
+    client = boto3.session.Session(
+        aws_access_key_id=minted["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=minted["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=minted.get("AWS_SESSION_TOKEN"),
+        region_name=region(),
+    ).client("s3", endpoint_url=roots.endpoint_url, config=_boto_config())
+    known = _minted.get((mode, tuple(prefixes), user))
+    kind = known.kind if known else mode
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=flow_prefix, MaxKeys=1)
+    except (BotoCoreError, ClientError) as e:
+        raise SandboxException(
+            f"The credentials minted for the sandboxes ({kind}) may not list "
+            f"s3://{bucket}/{flow_prefix} ({e}). Give the role (or your identity) access to the flow's prefix, "
+            "or opt in to forwarding your own keys with @sandbox(credentials='forward')."
+        ) from e
+    return kind

@@ -141,7 +141,7 @@ class SandboxDecorator(StepDecorator):
         self.inert = self._dedupe(step, decos)
         if self.inert:
             return
-        self._check_context(step, decos, flow_datastore)
+        self._check_context(step, decos, flow_datastore, logger)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
 
@@ -158,7 +158,7 @@ class SandboxDecorator(StepDecorator):
         winner = static[0] if static else family[0]
         return winner is not self
 
-    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any) -> None:
+    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any, logger: Any) -> None:
         command = next((arg for arg in sys.argv[1:] if arg in DEPLOYER_COMMANDS), None)
         if command is not None:
             raise SandboxException(
@@ -171,9 +171,9 @@ class SandboxDecorator(StepDecorator):
             raise SandboxException(
                 f"Step *{step}* has both @{self.name} and @{others[0]}: a step runs in one place. Remove one of them."
             )
-        self._check_datastore(step, flow_datastore)
+        self._check_datastore(step, flow_datastore, logger)
 
-    def _check_datastore(self, step: str, flow_datastore: Any) -> None:
+    def _check_datastore(self, step: str, flow_datastore: Any, logger: Any) -> None:
         """The data path and credentials for this datastore; on a remote one, before the run (and
         only on the launcher side), that its bucket, endpoint and credentials work."""
         from . import datastores
@@ -186,7 +186,10 @@ class SandboxDecorator(StepDecorator):
             from metaflow import util
 
             user = util.get_username() or "unknown"
-            datastores.check_s3(flow_datastore.datastore_root, self.attributes["credentials"], self.flow_name, user)
+            kind = datastores.check_s3(
+                flow_datastore.datastore_root, self.attributes["credentials"], self.flow_name, user
+            )
+            datastores.announce(logger, f"Sandboxed steps read and write {flow_datastore.datastore_root} with {kind}.")
 
     def _resolve_backend(self, step: str) -> str:
         requested = self.attributes["backend"]
