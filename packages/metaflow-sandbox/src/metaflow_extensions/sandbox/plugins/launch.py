@@ -153,8 +153,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
 
 def _direct_env(deco: Any, root: str, user: str, env: dict[str, str]) -> dict[str, str]:
     """On the direct path: add the datastore's configuration to ``env`` and return the sandbox's
-    credentials (kept apart from ``env``: they go to the task's command only, never to a label,
-    an argv or a log)."""
+    credentials (kept apart from ``env``: the executor uploads them as a file the task's shell
+    sources, never in a label, a command line or a log)."""
     from . import datastores
 
     roots = datastores.s3_roots(root)
