@@ -45,7 +45,10 @@ def assert_temporary_credentials(run: dict) -> None:
 
 
 def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
-    proc = s3dir.run("s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", env={"BIG_MB": "48"})
+    (s3dir.path / "input.txt").write_text("included-text")
+    proc = s3dir.run(
+        "s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", "--data", "input.txt", env={"BIG_MB": "48"}
+    )
     output = proc.stdout + proc.stderr
     assert "(data path: direct)" in output
     assert "with a temporary session (sts:GetSessionToken)." in output  # said once, before the run
@@ -54,6 +57,7 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     start = task(run, "start")
     assert start["sandbox"]["sandbox-backend"] == backend_name and start["sandbox"]["sandbox-id"]
     assert start["stdout"] == "start says alpha=5\n" and "start warns" in start["stderr"]
+    assert start["artifacts"]["data_text"] == "included-text"
     assert "card-from-s3" in " ".join(start["cards"])
     assert sorted(t["artifacts"]["value"] for t in run["steps"]["fan"]) == [5, 15, 25]
     assert task(run, "join")["artifacts"]["values"] == [5, 15, 25]
@@ -66,7 +70,7 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     assert "start warns" in err_logs.stdout + err_logs.stderr
     assert s3dir.live_sandboxes("s3_flow.py") == []
 
-    s3dir.run("s3_flow.py", "run", "--alpha", "5")
+    s3dir.run("s3_flow.py", "run", "--alpha", "5", "--data", "input.txt")
     plain = s3dir.inspect("S3Flow")
     assert plain["id"] != run["id"] and plain["successful"]
     assert set(plain["steps"]) == set(run["steps"])

@@ -1,4 +1,4 @@
-"""A flow for remote datastores: parameters, output on both streams, a card, foreach + join, a large
+"""A flow for remote datastores: parameters, an IncludeFile, output on both streams, a card, foreach + join, a large
 artifact sized by @environment, a failure switched by the launcher's environment (for resume), and
 in every step a probe of the AWS credentials the step sees (never the secret itself).
 
@@ -9,7 +9,7 @@ import hashlib
 import os
 import sys
 
-from metaflow import FlowSpec, Parameter, card, current, environment, step
+from metaflow import FlowSpec, IncludeFile, Parameter, card, current, environment, step
 
 MIB = 1024 * 1024
 
@@ -27,6 +27,8 @@ def probe():
 
 class S3Flow(FlowSpec):
     alpha = Parameter("alpha", default=1, type=int)
+    # Uploaded by the runtime to the datatools root on S3, read back by the task in the sandbox.
+    data = IncludeFile("data", default=None)
 
     @card(type="blank")
     @step
@@ -35,6 +37,7 @@ class S3Flow(FlowSpec):
 
         current.card.append(Markdown("# card-from-s3"))
         self.creds = probe()
+        self.data_text = self.data
         print(f"start says alpha={self.alpha}")
         print("start warns", file=sys.stderr)
         self.items = list(range(3))
