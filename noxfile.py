@@ -222,6 +222,35 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
     session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
 
 
+# Remote datastores (S3 through moto_server), kept lean for CI: `local` on the oldest and the
+# newest supported Metaflow, Daytona (through its emulator) on the newest.
+REMOTE_CELLS = [
+    nox.param(backend, metaflow)
+    for backend, metaflow in (
+        ("local", METAFLOW_VERSIONS[0]),
+        ("local", METAFLOW_VERSIONS[-1]),
+        ("daytona", METAFLOW_VERSIONS[-1]),
+    )
+    if backend in BACKENDS
+]
+
+
+@nox.session
+@nox.parametrize("backend,metaflow", REMOTE_CELLS)
+def remote(session: nox.Session, backend: str, metaflow: str) -> None:
+    """Flows on an S3 datastore (moto_server) with every step in a sandbox, on one backend."""
+    session.install(
+        *PYTEST, *TEST_DEPS[backend], "moto[server]", f"metaflow=={metaflow}",
+        *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
+    )  # fmt: skip
+    show_versions(session, "metaflow", "moto", "boto3")
+    # worksteal: the two long flow tests live in one file; a free worker takes the second one.
+    session.run(
+        "pytest", *XDIST, "--dist", "worksteal", "tests-shared/remote", *session.posargs,
+        env={"MFSBX_E2E_BACKEND": backend},
+    )  # fmt: skip
+
+
 @nox.session(default=False, tags=["live"])
 def live(session: nox.Session) -> None:
     """Tests against the real providers (``-m live``); each is skipped unless its API key is set."""

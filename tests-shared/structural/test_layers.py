@@ -22,7 +22,8 @@ ALLOWED = {
     "core.conformance": (set(), {"pytest"}),  # the suite backends' tests inherit
     "daytona": ({"core"}, {"daytona", "daytona_sdk"}),
     "e2b": ({"core"}, {"e2b"}),
-    "plugins": ({"core"}, {"metaflow", "click"}),
+    # boto3/botocore: Metaflow's own S3 dependency, for remote datastores (imported lazily).
+    "plugins": ({"core"}, {"metaflow", "click", "boto3", "botocore"}),
 }
 
 

@@ -26,6 +26,16 @@ def metadatum(field: str, value: str, type_: str, tags: list[str]) -> Any:
     return MetaDatum(field=field, value=value, type=type_, tags=tags)
 
 
+def sync_local_metadata_to_datastore(metadata_local_dir: str, task_datastore: Any) -> None:
+    """Metaflow's own upload of a task's local metadata (what ``@batch`` calls in its container):
+    ``metaflow.metadata.util`` became ``metaflow.metadata_provider.util`` at 2.12.29."""
+    try:
+        from metaflow.metadata_provider.util import sync_local_metadata_to_datastore as sync  # 2.12.29+
+    except ImportError:  # 2.12.0 - 2.12.28
+        from metaflow.metadata.util import sync_local_metadata_to_datastore as sync  # type: ignore[no-redef,unused-ignore]
+    sync(metadata_local_dir, task_datastore)
+
+
 def package_metadata(package: Any) -> str:
     """The code package's format description: ``package.package_metadata`` exists from 2.16; up to
     2.15 the package is a flat tarball and there is none (empty string)."""

@@ -44,7 +44,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import staging
+from . import direct, staging
 from .metadata import sandbox_env
 
 EXIT_INFRA_RETRYABLE = 1
@@ -53,6 +53,7 @@ SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
 MARK = "__MFSBX_T__"  # phase timestamps, printed only when timings are on
 TIMINGS_ENV = "METAFLOW_SANDBOX_TIMINGS"
 MARKER = "mfsbx/marker"
+SECRETS_FILE = "mfsbx/secrets.env"  # credentials, sourced then deleted before the task starts
 CREATE_GRACE_S = 30  # on interruption, how long a sandbox being created may take to appear
 
 
@@ -78,6 +79,11 @@ class TaskRequest:
     network: bool = True
     extra_inputs: list[str] = field(default_factory=list)
     retry_delay_s: int = 0  # @retry(minutes_between_retries) before this attempt
+    data_path: str = "relay"  # "direct": the task reads and writes the remote datastore itself
+    datastore: str = "local"
+    # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+    metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:
@@ -186,18 +192,52 @@ def script(req: TaskRequest) -> str:
             f"{staging.unpack_command(inline_code=inline)} || {fail('unpacking the task inputs failed')}",
             "mark unpack_inputs",
             unpack_code,
-            # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
-            f"ln -sfn {shlex.quote(req.location.root)} .metaflow && {exports}touch ../{MARKER}",
+            f"{_datastore_setup(req)} && {exports}touch ../{MARKER}",
             "mark unpack_code",
             f"( {req.step_command} )",
             "c=$?",
             "mark step",
             "cd ..",
-            f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2",
+            _pack_outputs(req),
             "mark pack_outputs",
             "exit $c",
         ]
     )
+
+
+def _datastore_setup(req: TaskRequest) -> str:
+    """Shell run in the code directory before the task."""
+    if req.data_path == "direct":
+        # Local metadata (if any) stays in the sandbox's own directory, never a parent's `.metaflow`;
+        # the task sends it through the datastore (see the decorator's ``task_finished``).
+        setup = 'export METAFLOW_DATASTORE_SYSROOT_LOCAL="$PWD"'
+        if req.secret_env:
+            # A file, not the command's environment: some backends send the environment as part of
+            # the command text, which providers keep (and list) with the sandbox.
+            setup = f"set -a && . ../{SECRETS_FILE} && set +a && rm -f ../{SECRETS_FILE} && {setup}"
+        if req.code_tar is None and req.metadata_root:
+            # Without inline code the unpack step skipped code/ members: the run's metadata is one.
+            setup = f"tar -x -f ../{staging.IN_ARCHIVE} --strip-components=1 --wildcards 'code/*' && {setup}"
+        return setup
+    # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
+    return f"ln -sfn {shlex.quote(req.location.root)} .metaflow"
+
+
+def write_secrets(secrets: Mapping[str, str], folder: str) -> str:
+    """``secrets`` as a shell file of assignments in ``folder`` (private: the launcher's temporary
+    directory), readable by this user only; returns its path."""
+    path = os.path.join(folder, "secrets.env")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.writelines(f"{name}={shlex.quote(value)}\n" for name, value in secrets.items())
+    return path
+
+
+def _pack_outputs(req: TaskRequest) -> str:
+    """Shell run after the task: on the relay path, pack its outputs for the launcher."""
+    if req.data_path == "direct":
+        return "true"  # the task wrote its outputs to the datastore itself
+    return f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2"
 
 
 class SandboxTask:
@@ -235,9 +275,13 @@ class SandboxTask:
         locally while the sandbox is being created."""
         start = time.monotonic()
         req = self.req
-        files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
+        files: list[str] = []
+        known_blobs: set[str] = set()
+        if req.data_path != "direct":  # direct: the task reads its inputs from the datastore
+            files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
         inbound = os.path.join(tmp, "in.tar")
-        staging.build_inputs(inbound, files, package=req.package, code_tar=req.code_tar)
+        named = direct.metadata_inputs(req) if req.data_path == "direct" else {}
+        staging.build_inputs(inbound, files, package=req.package, code_tar=req.code_tar, named=named)
         self._timed("build_inputs", start)
         return inbound, known_blobs
 
@@ -247,6 +291,8 @@ class SandboxTask:
         req = self.req
         start = time.monotonic()
         sbx.upload(inbound, staging.IN_ARCHIVE)
+        if req.secret_env:
+            sbx.upload(write_secrets(req.secret_env, os.path.dirname(inbound)), SECRETS_FILE)
         self._timed("upload", start)
 
         start = time.monotonic()
@@ -273,6 +319,8 @@ class SandboxTask:
             self.timings[f"task.{name}"] = (after - before) / 1e9
         if self.logs.setup_error:
             raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
+        if req.data_path == "direct":
+            return self._finish_direct(result.exit_code)
 
         start = time.monotonic()
         outbound = os.path.join(os.path.dirname(inbound), "out.tar")
@@ -288,6 +336,21 @@ class SandboxTask:
         self._timed("merge", start)
         destroying.result()
         return result.exit_code
+
+    def _finish_direct(self, exit_code: int) -> int:
+        """The task wrote its outputs to the datastore (DONE last, Metaflow's own rule): copy its
+        local metadata back while the sandbox is destroyed."""
+        destroying = Background(self.destroy)
+        start = time.monotonic()
+        try:
+            direct.sync_local_metadata(self.req)
+        except direct.DirectError as e:
+            if exit_code == 0:  # without its metadata the Client API would not see the task
+                raise SandboxError(str(e)) from e
+            say(str(e))
+        self._timed("sync_metadata", start)
+        destroying.result()
+        return exit_code
 
     def destroy(self) -> None:
         if self.sandbox is not None and not self.sandbox.destroyed:
@@ -330,9 +393,20 @@ def execute(req: TaskRequest) -> int:
                 # Interrupted while the sandbox was being created: let it finish, then destroy it.
                 task.creating.wait(CREATE_GRACE_S)
             task.destroy()
-            staging.save_task_logs(req.location, req.attempt, task.logs.blobs())
+            save_task_logs(req, task.logs.blobs())
             if os.environ.get(TIMINGS_ENV):
                 say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))
+
+
+def save_task_logs(req: TaskRequest, logs: dict[str, bytes]) -> None:
+    """Where ``flow.py logs`` reads them: the local datastore, or the remote one on the direct path."""
+    if req.data_path != "direct":
+        staging.save_task_logs(req.location, req.attempt, logs)
+        return
+    try:
+        direct.save_task_logs(req.datastore, req.location, req.attempt, logs)
+    except direct.DirectError as e:
+        say(str(e))
 
 
 def _execute(task: SandboxTask, tmp: str) -> int:
@@ -349,7 +423,7 @@ def _execute(task: SandboxTask, tmp: str) -> int:
     except SandboxError as e:
         say(f"Could not create a {task.req.backend!r} sandbox: {e}")
         return exit_code_for(e)
-    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task.")
+    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task (data path: {task.req.data_path}).")
     try:
         return task.run(sbx, inbound, known_blobs)
     except staging.UntrustedOutput as e:

@@ -104,7 +104,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         **input_env,
     }
     root = deco.flow_datastore.datastore_root
-    if os.path.basename(root.rstrip("/")) == ".metaflow":
+    direct = deco.data_path == "direct"
+    if not direct and os.path.basename(root.rstrip("/")) == ".metaflow":
         # IncludeFile and other config-derived local paths resolve from the system root.
         env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(root.rstrip("/"))
     for other in deco.step_decorators:
@@ -116,11 +117,14 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     # root by walking up from the working directory to a `.metaflow` (METAFLOW_CARD_LOCALROOT is
     # ignored up to 2.19: get_storage_root returns None when it is set), so the executor links
     # `.metaflow` in the code directory to the datastore root.
-    card_root = os.path.join(root, "mf.cards")
+    card_root = None if direct else os.path.join(root, "mf.cards")
     location = staging.TaskLocation(
         root=root, flow=deco.flow_name, run_id=run_id, step=step, task_id=task_id, card_root=card_root
     )
-    datatools = _include_file_dir(location.flow)
+    datatools = "" if direct else _include_file_dir(location.flow)
+    secret_env: dict[str, str] = {}
+    if direct:
+        secret_env = _direct_env(deco, root, user, env)
     attrs = deco.attributes
     code_tar, package, extract, extract_env = _code(deco)
     return TaskRequest(
@@ -148,7 +152,35 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         network=attrs["network"],
         extra_inputs=[datatools] if datatools and os.path.isdir(datatools) else [],
         retry_delay_s=retry_delay(deco.step_decorators, retry_count),
+        data_path=deco.data_path,
+        datastore=deco.flow_datastore.TYPE,
+        secret_env=secret_env,
+        metadata_root=_local_metadata_root() if direct and options_metadata(cli_args) == "local" else "",
     )
+
+
+def _direct_env(deco: Any, root: str, user: str, env: dict[str, str]) -> dict[str, str]:
+    """On the direct path: add the datastore's configuration to ``env`` and return the sandbox's
+    credentials (kept apart from ``env``: the executor uploads them as a file the task's shell
+    sources, never in a label, a command line or a log)."""
+    from . import datastores
+
+    roots = datastores.s3_roots(root)
+    env.update(datastores.task_env(roots, datastores.region()))
+    return datastores.credentials_env(deco.attributes["credentials"], roots.flow_prefixes(deco.flow_name), user)
+
+
+def options_metadata(cli_args: Any) -> str:
+    """The metadata provider the runtime gives the task (``--metadata``)."""
+    return str(cli_args.top_level_options.get("metadata") or "")
+
+
+def _local_metadata_root() -> str:
+    """The runtime's local metadata directory (``.metaflow``), where the launcher copies a direct-path
+    task's metadata back (as ``@batch`` does with ``sync_local_metadata_from_datastore``)."""
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    return str(LocalStorage.get_datastore_root_from_config(lambda *args, **kwargs: None))
 
 
 def chunked(prefix: str, value: str) -> dict[str, str]:

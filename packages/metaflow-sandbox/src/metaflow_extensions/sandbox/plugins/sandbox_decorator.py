@@ -101,6 +101,15 @@ class SandboxDecorator(StepDecorator):
     options : Dict[str, str], optional, default None
         Backend-specific options passed to the backend's constructor (e.g. ``{"isolation": "bwrap"}``
         for ``local``).
+    data_path : str, default "auto"
+        How the task's data moves: ``"relay"`` (the launcher moves it; the local datastore) or
+        ``"direct"`` (the task in the sandbox reads and writes the remote datastore itself, as
+        ``@batch`` does). ``"auto"``: relay for the local datastore, direct for S3.
+    credentials : str, default "temporary"
+        What the sandbox gets to reach a remote datastore on the direct path: ``"temporary"``
+        (short-lived STS credentials; scoped to the flow's prefixes when
+        ``METAFLOW_SANDBOX_S3_ROLE_ARN`` is set) or ``"forward"`` (your own keys, static ones
+        included: an explicit opt-in).
     """
 
     name = "sandbox"
@@ -115,6 +124,8 @@ class SandboxDecorator(StepDecorator):
         "timeout": None,
         "network": True,
         "options": None,
+        "data_path": "auto",
+        "credentials": "temporary",
     }
     # The backend an alias stands for; None for @sandbox itself.
     alias_of: ClassVar[str | None] = None
@@ -132,7 +143,7 @@ class SandboxDecorator(StepDecorator):
         self.inert = self._dedupe(step, decos)
         if self.inert:
             return
-        self._check_context(step, decos, flow_datastore)
+        self._check_context(step, decos, flow_datastore, logger)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
         self._preflight(step)
@@ -150,7 +161,7 @@ class SandboxDecorator(StepDecorator):
         winner = static[0] if static else family[0]
         return winner is not self
 
-    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any) -> None:
+    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any, logger: Any) -> None:
         command = next((arg for arg in sys.argv[1:] if arg in DEPLOYER_COMMANDS), None)
         if command is not None:
             raise SandboxException(
@@ -163,11 +174,25 @@ class SandboxDecorator(StepDecorator):
             raise SandboxException(
                 f"Step *{step}* has both @{self.name} and @{others[0]}: a step runs in one place. Remove one of them."
             )
-        if flow_datastore.TYPE != "local":
-            raise SandboxException(
-                f"@{self.name} on step *{step}* supports only the local datastore for now "
-                f"(got --datastore={flow_datastore.TYPE}). Run with --datastore=local."
+        self._check_datastore(step, flow_datastore, logger)
+
+    def _check_datastore(self, step: str, flow_datastore: Any, logger: Any) -> None:
+        """The data path and credentials for this datastore; on a remote one, before the run (and
+        only on the launcher side), that its bucket, endpoint and credentials work."""
+        from . import datastores
+
+        where = f"@{self.name} on step *{step}*"
+        self.data_path = datastores.data_path(flow_datastore.TYPE, self.attributes["data_path"], where)
+        self.attributes["credentials"] = datastores.credentials_mode(self.attributes["credentials"], where)
+        starting = any(arg in ("run", "resume") for arg in sys.argv[1:])
+        if self.data_path == "direct" and starting and os.environ.get(IN_SANDBOX_ENV) is None:
+            from metaflow import util
+
+            user = util.get_username() or "unknown"
+            kind = datastores.check_s3(
+                flow_datastore.datastore_root, self.attributes["credentials"], self.flow_name, user
             )
+            datastores.announce(logger, f"Sandboxed steps read and write {flow_datastore.datastore_root} with {kind}.")
 
     def _resolve_backend(self, step: str) -> str:
         requested = self.attributes["backend"]
@@ -330,6 +355,20 @@ class SandboxDecorator(StepDecorator):
             from .metadata import register_sandbox_metadata
 
             register_sandbox_metadata(metadata, run_id, step_name, task_id, retry_count)
+            self.task_metadata, self.task_datastore = metadata, task_datastore
+
+    def task_finished(  # noqa: PLR0917 - Metaflow hook signature
+        self, step_name: str, flow: Any, graph: Any, is_task_ok: bool, retry_count: int, max_retries: int
+    ) -> None:
+        # On the direct path, local metadata written in the sandbox travels through the datastore,
+        # as with @batch; the launcher copies it back (``direct.sync_local_metadata``).
+        metadata = getattr(self, "task_metadata", None)
+        if metadata is not None and metadata.TYPE == "local" and getattr(self, "data_path", "") == "direct":
+            from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
+
+            from .compat import sync_local_metadata_to_datastore
+
+            sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
 
     # -- for the launcher ------------------------------------------------------------------------
 

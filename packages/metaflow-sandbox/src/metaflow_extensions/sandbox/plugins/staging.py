@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,8 +240,16 @@ def _cached(path: str, build: Callable[[], str], max_age_s: float) -> str:
     return build()
 
 
-def build_inputs(archive: str, files: Iterable[str], *, package: str = "", code_tar: str | None = None) -> Staged:
-    """Write the inbound archive: the code, then each file at ``root/<absolute path>``.
+def build_inputs(
+    archive: str,
+    files: Iterable[str],
+    *,
+    package: str = "",
+    code_tar: str | None = None,
+    named: Mapping[str, str] | None = None,
+) -> Staged:
+    """Write the inbound archive: the code, then each file at ``root/<absolute path>``, then each
+    file of ``named`` (archive member name -> path) under its own name.
 
     ``code_tar`` (from ``code_archive``) is the code as files under ``code/``; without it the
     ``package`` file travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
@@ -261,6 +269,10 @@ def build_inputs(archive: str, files: Iterable[str], *, package: str = "", code_
             for path in files:
                 # Regular files only: directories are created as needed and keep the sandbox's modes.
                 tar.add(path, arcname=f"{ROOT_PREFIX}/{path.lstrip('/')}", recursive=False)
+                staged.files.append(path)
+                staged.bytes += os.path.getsize(path)
+            for arcname, path in (named or {}).items():
+                tar.add(path, arcname=arcname, recursive=False)
                 staged.files.append(path)
                 staged.bytes += os.path.getsize(path)
     return staged

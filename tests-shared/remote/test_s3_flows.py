@@ -1,0 +1,108 @@
+"""Flows on an S3 datastore (moto) with every step in a sandbox, on the direct data path: read back
+through the Client API and ``flow.py logs``, compared with a plain run, and checked for the
+credentials each sandbox got.
+
+Layer: tests-shared/remote. Imports: pytest, the standard library, ``sandbox_testing``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+
+from sandbox_testing.moto import STATIC_SECRET, create_role
+
+ROLE_ARN = "METAFLOW_SANDBOX_S3_ROLE_ARN"
+
+pytestmark = pytest.mark.e2e
+
+STATIC_SHA = hashlib.sha256(STATIC_SECRET.encode()).hexdigest()
+
+
+def task(run: dict, step: str, index: int = 0) -> dict:
+    return run["steps"][step][index]
+
+
+def run_id_of(output: str) -> str:
+    match = re.search(r"run-id (\S+?)\)?:", output)
+    assert match, output
+    return match.group(1)
+
+
+def tasks(run: dict) -> list[dict]:
+    return [t for step in run["steps"].values() for t in step]
+
+
+def assert_temporary_credentials(run: dict) -> None:
+    """Every task ran in a sandbox with a session token, never with the user's static secret."""
+    for t in tasks(run):
+        creds = t["artifacts"]["creds"]
+        assert creds["in_sandbox"], t["pathspec"]
+        assert creds["session_token"], f"{t['pathspec']} got no session token"
+        assert creds["secret_sha"] != STATIC_SHA, f"{t['pathspec']} got the static secret key"
+
+
+def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
+    (s3dir.path / "input.txt").write_text("included-text")
+    proc = s3dir.run(
+        "s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", "--data", "input.txt", env={"BIG_MB": "48"}
+    )
+    output = proc.stdout + proc.stderr
+    assert "(data path: direct)" in output
+    assert "with a temporary session (sts:GetSessionToken)." in output  # said once, before the run
+    run = s3dir.inspect("S3Flow")
+    assert run["successful"] and run["finished"]
+    start = task(run, "start")
+    assert start["sandbox"]["sandbox-backend"] == backend_name and start["sandbox"]["sandbox-id"]
+    assert start["stdout"] == "start says alpha=5\n" and "start warns" in start["stderr"]
+    assert start["artifacts"]["data_text"] == "included-text"
+    assert "card-from-s3" in " ".join(start["cards"])
+    assert sorted(t["artifacts"]["value"] for t in run["steps"]["fan"]) == [5, 15, 25]
+    assert task(run, "join")["artifacts"]["values"] == [5, 15, 25]
+    check = task(run, "check")
+    assert check["artifacts"]["big_ok"] is True and check["artifacts"]["big_mb"] == 48
+    assert_temporary_credentials(run)
+    logs = s3dir.run("s3_flow.py", "logs", f"{run['id']}/start")
+    assert "start says alpha=5" in logs.stdout + logs.stderr
+    err_logs = s3dir.run("s3_flow.py", "logs", "--stderr", f"{run['id']}/start")
+    assert "start warns" in err_logs.stdout + err_logs.stderr
+    assert s3dir.live_sandboxes("s3_flow.py") == []
+
+    s3dir.run("s3_flow.py", "run", "--alpha", "5", "--data", "input.txt")
+    plain = s3dir.inspect("S3Flow")
+    assert plain["id"] != run["id"] and plain["successful"]
+    assert set(plain["steps"]) == set(run["steps"])
+    for step in ("start", "join"):
+        assert task(plain, step)["stdout"] == task(run, step)["stdout"]
+        assert {k: v for k, v in task(plain, step)["artifacts"].items() if k != "creds"} == {
+            k: v for k, v in task(run, step)["artifacts"].items() if k != "creds"
+        }
+    assert not task(plain, "start")["sandbox"]
+
+
+def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed_with_a_role(s3dir, s3):
+    first = s3dir.run("s3_flow.py", "--with", "sandbox:credentials=forward", "run", ok=False, env={"SBX_FAIL": "1"})
+    origin = run_id_of(first.stdout + first.stderr)
+    assert "with your own credentials, forwarded (credentials='forward')." in first.stdout + first.stderr
+    assert "boom-s3-check" in first.stdout + first.stderr
+    failed = s3dir.inspect("S3Flow", origin)
+    assert not failed["successful"]
+    # Opted in: the sandbox had the user's own static key (and no session token).
+    start = task(failed, "start")["artifacts"]["creds"]
+    assert start["in_sandbox"] and start["secret_sha"] == STATIC_SHA and not start["session_token"]
+
+    # Resumed with a role to assume: the sandboxes get its session.
+    role = create_role(s3, f"mfsbx-{s3dir.path.name}"[:64])
+    proc = s3dir.run("s3_flow.py", "--with", "sandbox", "resume", "--origin-run-id", origin, env={ROLE_ARN: role})
+    assert f"with assumed role {role}, limited to the flow's prefixes." in proc.stdout + proc.stderr
+    resumed = s3dir.inspect("S3Flow")
+    assert resumed["successful"] and resumed["id"] != origin
+    assert task(resumed, "large")["artifacts"]["big_sha"] == task(failed, "large")["artifacts"]["big_sha"]
+    check = task(resumed, "check")
+    assert check["artifacts"]["big_ok"] is True and check["sandbox"]["sandbox-id"]
+    for step in ("check", "end"):  # run again, with the role's temporary credentials
+        creds = task(resumed, step)["artifacts"]["creds"]
+        assert creds["session_token"] and creds["secret_sha"] != STATIC_SHA
+    assert s3dir.live_sandboxes("s3_flow.py") == []
