@@ -20,20 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_testing.flows import interrupt, wait_for_line
+from sandbox_testing.flows import interrupt, run_id_of, task, wait_for_line
 from sandbox_testing.wheels import pure_wheel, repack_with_requirements
 
 pytestmark = pytest.mark.e2e
-
-
-def task(run: dict, step: str, index: int = 0) -> dict:
-    return run["steps"][step][index]
-
-
-def run_id_of(output: str) -> str:
-    match = re.search(r"run-id (\S+?)\)?:", output)
-    assert match, output
-    return match.group(1)
 
 
 def test_linear_flow_parameters_env_logs_and_metadata(flowdir, backend_name):

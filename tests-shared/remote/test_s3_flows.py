@@ -8,10 +8,10 @@ Layer: tests-shared/remote. Imports: pytest, the standard library, ``sandbox_tes
 from __future__ import annotations
 
 import hashlib
-import re
 
 import pytest
 
+from sandbox_testing.flows import run_id_of, task
 from sandbox_testing.moto import STATIC_SECRET, create_role
 
 ROLE_ARN = "METAFLOW_SANDBOX_S3_ROLE_ARN"
@@ -19,16 +19,6 @@ ROLE_ARN = "METAFLOW_SANDBOX_S3_ROLE_ARN"
 pytestmark = pytest.mark.e2e
 
 STATIC_SHA = hashlib.sha256(STATIC_SECRET.encode()).hexdigest()
-
-
-def task(run: dict, step: str, index: int = 0) -> dict:
-    return run["steps"][step][index]
-
-
-def run_id_of(output: str) -> str:
-    match = re.search(r"run-id (\S+?)\)?:", output)
-    assert match, output
-    return match.group(1)
 
 
 def tasks(run: dict) -> list[dict]:

@@ -58,12 +58,17 @@ def start_emulator(name: str, *args: str, env: Mapping[str, str] | None = None, 
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield found[0]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a helper server, killing it if it does not exit within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def emulator_state(url: str) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,16 @@ import pytest
 from .signals import ctrl_c_default
 
 RUN_TIMEOUT_S = 600
+
+
+def task(run: dict, step: str, index: int = 0) -> dict:
+    return run["steps"][step][index]
+
+
+def run_id_of(output: str) -> str:
+    match = re.search(r"run-id (\S+?)\)?:", output)
+    assert match, output
+    return match.group(1)
 
 
 @dataclass

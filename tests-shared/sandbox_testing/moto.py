@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .emulators import free_port
+from .emulators import free_port, stop
 
 BUCKET = "mfsbx-e2e"
 REGION = "us-east-1"
@@ -110,9 +110,4 @@ def start_moto(bucket: str = BUCKET) -> Iterator[S3Server]:
         server.client().create_bucket(Bucket=bucket)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
