@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from metaflow_extensions.sandbox.core import (
+    OWNER_LABEL,
     ConfigurationError,
     Resources,
     SandboxSpec,
@@ -18,7 +19,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 from metaflow_extensions.sandbox.daytona import DaytonaBackend
-from metaflow_extensions.sandbox.daytona.backend import OWNER_LABEL, TOKEN_LABEL
+from metaflow_extensions.sandbox.daytona.backend import TOKEN_LABEL
 
 
 @pytest.fixture
@@ -91,5 +92,8 @@ def test_missing_sdk_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "daytona", None)
     monkeypatch.setitem(sys.modules, "daytona_sdk", None)
     monkeypatch.setenv("DAYTONA_API_KEY", "k")
-    with pytest.raises(ConfigurationError, match="pip install metaflow-sandbox-daytona"):
+    # The SDK's own distribution and the range this package declares, not this package again.
+    with pytest.raises(ConfigurationError, match="the `daytona` distribution") as info:
         get_backend("daytona")
+    assert "pip install 'daytona>=0.150,<1'" in str(info.value)
+    assert "metaflow-sandbox-daytona" not in str(info.value)

@@ -21,8 +21,9 @@ from metaflow_extensions.sandbox.core import (
     TransientError,
     get_backend,
 )
+from metaflow_extensions.sandbox.core.provider import release, supported_range
 from metaflow_extensions.sandbox.e2b import E2BBackend, E2BResourceWarning
-from metaflow_extensions.sandbox.e2b.errors import check_sdk_version, sdk_version
+from metaflow_extensions.sandbox.e2b.sdk import sdk_and_version
 
 KEY = "e2b_" + "0" * 40
 # Nothing listens here: a call that reaches the network fails fast with "connection refused".
@@ -82,8 +83,9 @@ def test_unreachable_api_is_transient_after_bounded_retries():
 
 
 def test_installed_sdk_is_supported():
-    assert sdk_version() >= (2, 7)
-    check_sdk_version()
+    # The range is the one the distribution declares, read from its installed metadata.
+    assert supported_range("metaflow-sandbox-e2b", "e2b") == ">=2.7,<3"
+    assert release(sdk_and_version()[1]) >= (2, 7)
 
 
 def test_missing_sdk_names_the_install_command():

@@ -27,6 +27,20 @@ from .errors import ConfigurationError, SandboxError, SandboxUnavailable
 from .options import Option
 from .spec import CommandResult, SandboxInfo, SandboxSpec, check_env
 
+OWNER_LABEL: tuple[str, str] = ("created-by", "metaflow-sandbox")
+"""The label (key, value) every sandbox this library creates carries, on every backend.
+
+``SandboxBackend.list`` reports only sandboxes carrying it, so a provider account's other sandboxes
+(made by hand, by another tool) are never listed, nor removed by ``sandbox kill``. ``owned_labels``
+adds it to a spec's labels.
+"""
+
+
+def owned_labels(labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``labels`` plus ``OWNER_LABEL``: what a backend attaches at create and filters on in ``list``."""
+    return {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
+
+
 LineCallback = Callable[[str], None]
 """Receives one line of output, without its trailing newline."""
 
@@ -242,7 +256,8 @@ class SandboxBackend(ABC):
 
     @abstractmethod
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
-        """Live sandboxes of this backend carrying all of ``labels``."""
+        """Live sandboxes of this backend that this library created (carrying ``OWNER_LABEL``, which
+        ``create`` attaches) and all of ``labels``; never a sandbox made otherwise at the provider."""
 
     @abstractmethod
     def destroy(self, sandbox_id: str) -> None:

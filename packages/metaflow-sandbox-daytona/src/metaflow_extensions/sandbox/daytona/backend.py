@@ -40,15 +40,14 @@ from metaflow_extensions.sandbox.core import (
     SandboxSpec,
     SandboxUnavailable,
     TransientError,
+    owned_labels,
 )
-from metaflow_extensions.sandbox.core.retry import backoff_delays
+from metaflow_extensions.sandbox.core.retry import create_with_reconcile
 
 from .commands import SessionCommand, wrap
 from .errors import KEYS_URL, call, download_error, is_not_found
 from .sdk import load_sdk
 
-OWNER_LABEL = ("created-by", "metaflow-sandbox")
-"""Every sandbox we create carries it; ``list`` only ever reports (and ``kill`` removes) those."""
 TOKEN_LABEL = "metaflow-sandbox-create-token"
 """Unique per create call: finds the sandbox of a create whose answer was lost."""
 _GONE_STATES = {"destroyed", "destroying"}
@@ -240,7 +239,8 @@ class DaytonaBackend(SandboxBackend):
         check_interval_s: float = 15,
     ):
         self._sdk, self.sdk_version = load_sdk()
-        self.api_key = api_key or os.environ.get("DAYTONA_API_KEY")
+        # Options arrive resolved by ``get_backend`` (coerced, environment defaults filled in).
+        self.api_key = api_key
         self._jwt = os.environ.get("DAYTONA_JWT_TOKEN")
         self._org = os.environ.get("DAYTONA_ORGANIZATION_ID")
         if not self.api_key and not (self._jwt and self._org):
@@ -248,14 +248,10 @@ class DaytonaBackend(SandboxBackend):
                 "The daytona backend needs a Daytona API key and DAYTONA_API_KEY is not set.",
                 remedy=f"Create a key at {KEYS_URL}, then: export DAYTONA_API_KEY=...",
             )
-        self.api_url = api_url or os.environ.get("DAYTONA_API_URL") or None
-        self.target = target or os.environ.get("DAYTONA_TARGET") or None
+        self.api_url = api_url or None
+        self.target = target or None
         self.snapshot = snapshot
-        if not (isinstance(create_timeout_s, (int, float)) and create_timeout_s > 0):
-            raise ConfigurationError(f"create_timeout_s must be a positive number; got {create_timeout_s!r}.")
         self.create_timeout_s = float(create_timeout_s)
-        if not (isinstance(check_interval_s, (int, float)) and check_interval_s > 0):
-            raise ConfigurationError(f"check_interval_s must be a positive number; got {check_interval_s!r}.")
         self.check_interval_s = float(check_interval_s)
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -289,7 +285,7 @@ class DaytonaBackend(SandboxBackend):
         sdk = self._sdk
         common: dict[str, Any] = {
             "env_vars": dict(spec.env),
-            "labels": {**spec.labels, OWNER_LABEL[0]: OWNER_LABEL[1], TOKEN_LABEL: token},
+            "labels": {**owned_labels(spec.labels), TOKEN_LABEL: token},
             "auto_stop_interval": max(1, math.ceil(spec.lifetime_s / 60)),
             "auto_delete_interval": 0,
         }
@@ -314,29 +310,28 @@ class DaytonaBackend(SandboxBackend):
     def create(self, spec: SandboxSpec) -> DaytonaSandbox:
         token = uuid.uuid4().hex
         params = self.params(spec, token)
-        delays = backoff_delays(5, 0.5, 8.0)
-        while True:
-            try:
-                created = call("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
-                return DaytonaSandbox(self, created, spec)
-            except TransientError:
-                # Creating is not idempotent: a lost answer may hide a sandbox. Adopt it, if any.
-                found = self._by_token(token)
-                if found is not None and _state(found) == "started":
-                    return DaytonaSandbox(self, found, spec)
-                if found is not None:
-                    self._delete_quietly(found)
-                if not delays:
-                    raise
-                threading.Event().wait(delays.pop(0))
-            except SandboxError as e:
-                # A failed build or start leaves a sandbox behind at Daytona: remove it.
-                leftover = self._by_token(token, quiet=True)
-                if leftover is not None:
-                    self._delete_quietly(leftover)
-                if "build" in str(e).lower() and not isinstance(e, ImageError):
-                    raise ImageError(e.message, remedy="Check that the image builds and starts.") from e
-                raise
+
+        def adopt() -> DaytonaSandbox | None:
+            # Creating is not idempotent: a lost answer may hide a sandbox. Adopt it, if it started.
+            found = self._by_token(token)
+            if found is not None and _state(found) != "started":
+                self._delete_quietly(found)
+                found = None
+            return None if found is None else DaytonaSandbox(self, found, spec)
+
+        try:
+            return create_with_reconcile(lambda: DaytonaSandbox(self, self._create_once(params), spec), adopt)
+        except SandboxError as e:
+            # A failed build or start leaves a sandbox behind at Daytona: remove it.
+            leftover = self._by_token(token, quiet=True)
+            if leftover is not None:
+                self._delete_quietly(leftover)
+            if "build" in str(e).lower() and not isinstance(e, (ImageError, TransientError)):
+                raise ImageError(e.message, remedy="Check that the image builds and starts.") from e
+            raise
+
+    def _create_once(self, params: Any) -> Any:
+        return call("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
 
     def _by_token(self, token: str, quiet: bool = False) -> Any:
         try:
@@ -371,7 +366,7 @@ class DaytonaBackend(SandboxBackend):
             page += 1
 
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
-        wanted = {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
+        wanted = owned_labels(labels)
         return sorted(
             (
                 SandboxInfo(id=str(s.id), backend=self.name, labels=dict(s.labels or {}))
