@@ -64,6 +64,15 @@ class TestDaytonaEmulated(BackendConformance):
     def backend(self, emulator):
         return daytona(emulator)
 
+    @pytest.fixture
+    def foreign_sandbox(self, emulator, labels):
+        import daytona as sdk
+
+        client = sdk.Daytona(sdk.DaytonaConfig(api_key=KEY, api_url=f"{emulator}/api"))
+        made = client.create(sdk.CreateSandboxFromSnapshotParams(labels=labels))
+        yield str(made.id)
+        made.delete()
+
 
 class TestDaytonaUnderFaults(BackendConformance):
     """The whole suite again with a fifth of all requests answered 429 or 503 and log streams cut.
