@@ -1,7 +1,7 @@
 """The ``daytona`` backend: core's ``SandboxBackend``/``Sandbox`` on the official Daytona SDK.
 
 Layer: backend. Imports: the standard library, core, and this package (``sdk``, ``errors``,
-``commands``). The SDK itself is imported lazily through ``sdk.load_sdk``.
+``commands``, ``transfer``). The SDK itself is imported lazily through ``sdk.load_sdk``.
 
 How the core spec maps onto Daytona (details in the package README):
 
@@ -44,8 +44,9 @@ from metaflow_extensions.sandbox.core import (
 )
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile
 
+from . import transfer
 from .commands import SessionCommand, wrap
-from .errors import KEYS_URL, call, download_error, is_not_found
+from .errors import KEYS_URL, call, is_not_found
 from .sdk import load_sdk
 
 TOKEN_LABEL = "metaflow-sandbox-create-token"
@@ -167,20 +168,10 @@ class DaytonaSandbox(Sandbox):
                 return True
 
     def _upload(self, src: Path, dst: str) -> None:
-        # A path (not bytes) makes the SDK stream the file from disk.
-        self._call(f"upload to {dst!r}", lambda: self._sdk_sandbox.fs.upload_file(str(src), dst))
+        transfer.upload(self._sdk_sandbox, src, dst, self.id)
 
     def _download(self, src: str, dst: Path) -> None:
-        def fetch() -> None:
-            try:
-                # With a local path the SDK streams the multipart answer straight into the file.
-                self._sdk_sandbox.fs.download_file(src, str(dst))
-            except SandboxError:
-                raise
-            except Exception as e:
-                raise download_error(e, src, self.id) from e
-
-        self._call(f"download of {src!r}", fetch)
+        transfer.download(self._sdk_sandbox, src, dst, self.id)
 
     def _destroy(self) -> None:
         self._stop_keepalive.set()
