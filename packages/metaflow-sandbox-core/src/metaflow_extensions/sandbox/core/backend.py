@@ -14,8 +14,10 @@ import atexit
 import codecs
 import contextlib
 import os
+import shlex
 import tempfile
 import threading
+import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -23,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from .errors import ConfigurationError, SandboxError, SandboxUnavailable
+from .errors import CommandTimeout, ConfigurationError, SandboxError, SandboxUnavailable
 from .options import Option
 from .spec import CommandResult, SandboxInfo, SandboxSpec, check_env
 
@@ -43,6 +45,8 @@ def owned_labels(labels: Mapping[str, str] | None = None) -> dict[str, str]:
 
 LineCallback = Callable[[str], None]
 """Receives one line of output, without its trailing newline."""
+OutputCallback = Callable[[str, str], None]
+"""Receives ``("stdout" | "stderr", chunk)``: raw output as it arrives, chunks of any size."""
 
 # Every sandbox handle not yet destroyed, so that none outlives the process that created it
 # (normal exit or an unhandled exception, e.g. KeyboardInterrupt outside a ``with`` block).
@@ -103,6 +107,29 @@ class ByteDecoder:
         self._sink(self._decoder.decode(b"", final=True))
 
 
+def cancellable(command: str, flag: str) -> str:
+    """``command`` run so that creating the file ``flag`` (relative to the working directory)
+    kills it and every process it started (its own process group), from any other connection.
+
+    Only a file is shared between two commands on every backend (a second command may live in
+    another pid namespace), so the cancel is a file the caller uploads.
+    """
+    return "\n".join(
+        [
+            f'flag="$PWD"/{shlex.quote(flag)}',
+            "set -m",  # job control: the command gets a process group of its own, to kill whole
+            f"bash -c {shlex.quote(command)} &",
+            "child=$!",
+            "set +m",
+            '( while [ ! -e "$flag" ]; do sleep 0.1; done; kill -KILL -- "-$child" ) >/dev/null 2>&1 </dev/null &',
+            "watcher=$!",
+            'wait "$child"; code=$?',
+            'kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null; rm -f "$flag"',
+            'exit "$code"',
+        ]
+    )
+
+
 class Sandbox(ABC):
     """A live sandbox. Use it as a context manager: leaving the block destroys it, errors included.
 
@@ -140,20 +167,58 @@ class Sandbox(ABC):
         env: Mapping[str, str] | None = None,
         on_stdout: LineCallback | None = None,
         on_stderr: LineCallback | None = None,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> CommandResult:
         """Run ``command`` with bash in the working directory; stream its output line by line.
 
         ``env`` adds to the spec's environment for this command only. A non-zero exit is returned,
         not raised; ``CommandTimeout`` is raised when ``timeout_s`` passes (the process tree is
-        killed first), ``SandboxUnavailable`` when the sandbox dies underneath the command.
+        killed first) and carries the output produced until then, ``SandboxUnavailable`` when the
+        sandbox dies underneath the command. ``on_output`` receives the raw chunks as they arrive
+        (for relaying output as is, e.g. a daemon forwarding bytes), before they are split in lines.
+        Setting ``cancel`` (from any thread) kills the command and everything it started; ``run``
+        then returns its result (exit code 137, killed by SIGKILL).
         """
         self._check_alive()
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigurationError(f"timeout_s must be positive or None; got {timeout_s!r}.")
         out, err = LineSplitter(on_stdout), LineSplitter(on_stderr)
         merged_env = {**self.spec.env, **check_env(env or {}, "Sandbox.run(env=...)")}
-        exit_code = self._run(command, env=merged_env, timeout_s=timeout_s, on_stdout=out.feed, on_stderr=err.feed)
+        feed_out, feed_err = out.feed, err.feed
+        if on_output is not None:
+
+            def feed_out(chunk: str) -> None:
+                on_output("stdout", chunk)
+                out.feed(chunk)
+
+            def feed_err(chunk: str) -> None:
+                on_output("stderr", chunk)
+                err.feed(chunk)
+
+        finished = threading.Event()
+        if cancel is not None:
+            flag = f".mfsbx-cancel-{uuid.uuid4().hex[:16]}"
+            command = cancellable(command, flag)
+            threading.Thread(target=self._cancel_when, args=(cancel, finished, flag), daemon=True).start()
+        try:
+            exit_code = self._run(command, env=merged_env, timeout_s=timeout_s, on_stdout=feed_out, on_stderr=feed_err)
+        except CommandTimeout as e:
+            # The output so far is the base's to give, the same way on every backend.
+            e.stdout, e.stderr = out.close(), err.close()
+            raise
+        finally:
+            finished.set()
         return CommandResult(exit_code=exit_code, stdout=out.close(), stderr=err.close())
+
+    def _cancel_when(self, cancel: threading.Event, finished: threading.Event, flag: str) -> None:
+        while not finished.is_set():
+            if cancel.wait(0.1):
+                if not finished.is_set():
+                    # A sandbox destroyed meanwhile has nothing left to cancel.
+                    with contextlib.suppress(SandboxError):
+                        self.upload(b"", flag)
+                return
 
     def upload(self, src: bytes | str | os.PathLike[str], dst: str) -> None:
         """Copy bytes, or a local file by path, to ``dst`` in the sandbox (parents are created)."""

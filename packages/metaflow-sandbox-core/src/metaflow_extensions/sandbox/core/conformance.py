@@ -149,6 +149,32 @@ class BackendConformance:
         assert sandbox.run(COUNT_PROCS.format("sleep 27[12]")).stdout.strip() == "0"
         assert sandbox.run("echo still usable").stdout == "still usable\n"
 
+    def test_a_timeout_carries_the_output_so_far(self, sandbox: Sandbox) -> None:
+        lines: list[str] = []
+        with pytest.raises(CommandTimeout) as info:
+            sandbox.run("echo out1; echo err1 >&2; printf partial; sleep 60", timeout_s=3, on_stdout=lines.append)
+        assert (info.value.stdout, info.value.stderr) == ("out1\npartial", "err1\n")
+        assert lines == ["out1", "partial"]
+
+    def test_raw_output_reaches_on_output_unsplit(self, sandbox: Sandbox) -> None:
+        chunks: list[tuple[str, str]] = []
+        res = sandbox.run("printf 'a\nb'; printf 'e' >&2", on_output=lambda kind, text: chunks.append((kind, text)))
+        assert "".join(t for k, t in chunks if k == "stdout") == res.stdout == "a\nb"
+        assert "".join(t for k, t in chunks if k == "stderr") == res.stderr == "e"
+
+    def test_cancel_kills_the_command_and_what_it_started(self, sandbox: Sandbox) -> None:
+        cancel = threading.Event()
+        res = sandbox.run(
+            "echo up; sleep 281 & sleep 282; echo never",
+            timeout_s=120,
+            cancel=cancel,
+            on_stdout=lambda line: cancel.set() if line == "up" else None,
+        )
+        assert res.exit_code == 137 and res.stdout == "up\n"
+        assert sandbox.run(COUNT_PROCS.format("sleep 28[12]")).stdout.strip() == "0"
+        # A cancel never set changes nothing.
+        assert sandbox.run("echo fine; exit 4", cancel=threading.Event()) == sandbox.run("echo fine; exit 4")
+
     def test_bad_timeout_is_a_configuration_error(self, sandbox: Sandbox) -> None:
         with pytest.raises(ConfigurationError):
             sandbox.run("true", timeout_s=0)

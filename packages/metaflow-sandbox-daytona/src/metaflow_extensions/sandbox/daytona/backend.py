@@ -110,16 +110,6 @@ class DaytonaSandbox(Sandbox):
         on_stdout: Callable[[str], None],
         on_stderr: Callable[[str], None],
     ) -> int:
-        out: list[str] = []
-        err: list[str] = []
-
-        def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
-            def both(chunk: str) -> None:
-                keep.append(chunk)
-                sink(chunk)
-
-            return both
-
         cmd = SessionCommand(self._sdk_sandbox, self._backend._sdk, self.id, self._ensure_alive)
         try:
             cmd.start(wrap(command, env, self._work_dir(), cmd.key))
@@ -127,9 +117,7 @@ class DaytonaSandbox(Sandbox):
             if not e.transient:
                 self._ensure_alive()  # a vanished sandbox is SandboxUnavailable, not a bare error
             raise
-        follower = threading.Thread(
-            target=cmd.follow, args=(tee(on_stdout, out), tee(on_stderr, err)), daemon=True, name=f"logs-{cmd.key}"
-        )
+        follower = threading.Thread(target=cmd.follow, args=(on_stdout, on_stderr), daemon=True, name=f"logs-{cmd.key}")
         follower.start()
         try:
             finished = self._wait(cmd, timeout_s)
@@ -141,8 +129,6 @@ class DaytonaSandbox(Sandbox):
             raise CommandTimeout(
                 f"Command timed out after {timeout_s} s in Daytona sandbox {self.id}; its processes were killed.",
                 timeout_s=timeout_s or 0.0,
-                stdout="".join(out),
-                stderr="".join(err),
                 sandbox_id=self.id,
             )
         try:

@@ -119,8 +119,6 @@ class CommandRun:
         self.timeout_s = timeout_s
         self.on_stdout, self.on_stderr = on_stdout, on_stderr
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
         self.handle: Any = None
         self.gone_since: float | None = None  # when envd first stopped listing the process
         self.failed_checks = 0
@@ -186,8 +184,6 @@ class CommandRun:
                 raise CommandTimeout(
                     f"Command timed out after {self.timeout_s} s in sandbox {self.sbx.id}; its processes were killed.",
                     timeout_s=self.timeout_s or 0.0,
-                    stdout="".join(self.stdout),
-                    stderr="".join(self.stderr),
                     sandbox_id=self.sbx.id,
                 )
             if now >= next_check:
@@ -199,10 +195,8 @@ class CommandRun:
         if kind == "pid":
             self.handle = event[1]
         elif kind == "out":
-            self.stdout.append(event[1])
             self.on_stdout(event[1])
         elif kind == "err":
-            self.stderr.append(event[1])
             self.on_stderr(event[1])
         elif kind == "exit":
             return exit_status(event[1], event[2])
