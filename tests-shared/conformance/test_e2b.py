@@ -24,6 +24,7 @@ from metaflow_extensions.sandbox.core import (
     Resources,
     SandboxSpec,
     SandboxUnavailable,
+    TransientError,
     get_backend,
 )
 from metaflow_extensions.sandbox.core.conformance import BackendConformance
@@ -35,6 +36,7 @@ from sandbox_testing.e2b import (
     set_faults,
     start_emulator,
 )
+from sandbox_testing.emulators import free_port
 
 __all__ = ["e2b_emulator"]  # the fixture, imported so pytest finds it
 
@@ -158,6 +160,14 @@ def test_long_commands_are_kept_alive_when_e2b_grants_less_than_asked(short_live
         assert sbx.run("sleep 8; echo survived").stdout == "survived\n"
 
 
+def test_an_unreachable_api_is_reported_as_unreachable_naming_the_url_and_its_variable():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TransientError) as info:
+        emulated(url).list()
+    message = str(info.value)
+    assert f"the API at {url} ($E2B_API_URL) cannot be reached" in message
+
+
 def test_missing_key_names_the_variable(monkeypatch):
     monkeypatch.delenv("E2B_API_KEY", raising=False)
     with pytest.raises(ConfigurationError, match=r"export E2B_API_KEY=") as info:
@@ -227,3 +237,35 @@ class TestE2BLive(BackendConformance):
     @pytest.fixture
     def backend(self):
         return get_backend("e2b")
+
+
+ORPHAN = """
+import sys, time
+from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
+backend = get_backend("e2b", api_url=sys.argv[1], sandbox_url=sys.argv[1], api_key=sys.argv[2])
+print(backend.create(SandboxSpec(labels={"lease": "test"})).id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_orphan_dies_with_its_lease_while_a_live_owner_keeps_its_sandbox(e2b_emulator, monkeypatch):
+    # A 3 s lease is the E2B timeout; live owners push it forward every second.
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "3")
+    backend = emulated(e2b_emulator)
+    with backend.create(SandboxSpec(labels={"lease": "test"})) as kept:
+        # Made after ``kept``, so it expires after ``kept`` would have, had its owner not renewed.
+        owner = subprocess.Popen(
+            [sys.executable, "-c", ORPHAN, e2b_emulator, EMULATOR_API_KEY], stdout=subprocess.PIPE, text=True
+        )
+        assert owner.stdout is not None
+        orphan = owner.stdout.readline().strip()
+        owner.kill()  # SIGKILL: no clean-up of any kind, only the lease
+        owner.wait(60)
+        listed = {orphan}
+        for _ in range(600):  # a bound, not a timing: the orphan goes at its deadline
+            listed = {i.id for i in backend.list(labels={"lease": "test"})}
+            if orphan not in listed:
+                break
+            time.sleep(0.1)
+        assert orphan not in listed and kept.id in listed
+        assert kept.run("echo alive").stdout == "alive\n"

@@ -73,10 +73,21 @@ def test_image_snapshot_env_labels_network_and_lifetime(backend):
     assert type(params).__name__ == "CreateSandboxFromSnapshotParams" and params.snapshot is None
     assert params.env_vars == {"A": "1"} and params.network_block_all is True
     assert params.labels == {"flow": "F", OWNER_LABEL[0]: OWNER_LABEL[1], TOKEN_LABEL: "tok"}
-    # Auto-stop after the lifetime of inactivity (rounded up to minutes), then delete at once.
-    assert (params.auto_stop_interval, params.auto_delete_interval) == (61, 0)
+    # Auto-stop after the lease (default 300 s, not the whole lifetime) of inactivity, in whole
+    # minutes, then delete at once: an orphan dies within minutes.
+    assert (params.auto_stop_interval, params.auto_delete_interval) == (5, 0)
     image = backend.params(SandboxSpec(image="python:3.11"), "t")
     assert type(image).__name__ == "CreateSandboxFromImageParams" and image.image == "python:3.11"
+
+
+def test_the_lease_comes_from_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.setenv("DAYTONA_API_KEY", "k")
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "90")
+    params = get_backend("daytona").params(SandboxSpec(lifetime_s=3601), "t")
+    assert params.auto_stop_interval == 2
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "soon")
+    with pytest.raises(ConfigurationError, match="METAFLOW_SANDBOX_LEASE_S"):
+        get_backend("daytona")
 
 
 def test_snapshot_option_and_resources_warning(monkeypatch):

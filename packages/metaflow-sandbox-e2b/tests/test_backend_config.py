@@ -112,7 +112,15 @@ def test_check_interval_and_template_from_the_environment(monkeypatch):
         get_backend("e2b", api_key=KEY)
 
 
-def test_sandbox_timeout_is_capped_to_what_every_plan_accepts():
+def test_sandbox_timeout_is_the_lease_not_the_lifetime(monkeypatch):
+    monkeypatch.delenv("METAFLOW_SANDBOX_LEASE_S", raising=False)
+    backend = get_backend("e2b", api_key=KEY)
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 300
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120
+
+
+def test_sandbox_timeout_is_capped_to_what_every_plan_accepts(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", str(10**7))
     backend = get_backend("e2b", api_key=KEY)
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 3600
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120

@@ -7,7 +7,7 @@ Layer: core (bottom). Imports: the standard library only; never Metaflow, never 
         print(sbx.run("echo $A").stdout)
 """
 
-from .backend import OWNER_LABEL, Sandbox, SandboxBackend, destroy_all_live, owned_labels
+from .backend import LEASE_ENV, OWNER_LABEL, Sandbox, SandboxBackend, destroy_all_live, lease_s, owned_labels
 from .errors import (
     AuthenticationError,
     BackendNotFound,
@@ -26,6 +26,7 @@ from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LEASE_ENV",
     "OWNER_LABEL",
     "AuthenticationError",
     "BackendNotFound",
@@ -48,5 +49,6 @@ __all__ = [
     "backend_class",
     "destroy_all_live",
     "get_backend",
+    "lease_s",
     "owned_labels",
 ]

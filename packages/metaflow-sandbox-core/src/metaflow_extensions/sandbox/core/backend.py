@@ -43,6 +43,29 @@ def owned_labels(labels: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
 
 
+LEASE_ENV = "METAFLOW_SANDBOX_LEASE_S"
+DEFAULT_LEASE_S = 300.0
+
+
+def lease_s() -> float:
+    """How long a provider sandbox outlives its owner: the lease its live owner keeps renewing
+    (``$METAFLOW_SANDBOX_LEASE_S``, default 300 s). A sandbox whose owner vanished (SIGKILL, a lost
+    machine) is reclaimed by the provider within about this long."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigurationError(
+            f"${LEASE_ENV} must be a positive number of seconds; got {raw!r}.",
+            remedy=f"Unset it (default {DEFAULT_LEASE_S:.0f} s) or export {LEASE_ENV}=300.",
+        )
+    return value
+
+
 LineCallback = Callable[[str], None]
 """Receives one line of output, without its trailing newline."""
 OutputCallback = Callable[[str, str], None]
@@ -137,14 +160,32 @@ class Sandbox(ABC):
     sandbox's working directory, the same one on every backend.
     """
 
-    def __init__(self, sandbox_id: str, backend: str, spec: SandboxSpec):
+    def __init__(self, sandbox_id: str, backend: str, spec: SandboxSpec, *, lease_s: float | None = None):
+        """``lease_s``: the sandbox's provider-side lifetime, which this handle renews (through
+        ``_renew_lease``) every third of it from a daemon thread until it is destroyed; ``None``:
+        nothing to renew (the sandbox lives as long as its owner, e.g. ``local``)."""
         self.id = sandbox_id
         self.backend = backend
         self.spec = spec
         self._destroyed = False
         self._destroy_lock = threading.Lock()
+        self._lease_stop = threading.Event()
         with _LIVE_LOCK:
             _LIVE.add(self)
+        if lease_s is not None:
+            threading.Thread(
+                target=self._keep_lease, args=(lease_s / 3,), daemon=True, name=f"lease-{backend}-{sandbox_id}"
+            ).start()
+
+    def _keep_lease(self, every_s: float) -> None:
+        # A daemon thread: it dies with its owner, and then so does the lease.
+        while not self._lease_stop.wait(every_s):
+            try:
+                self._renew_lease()
+            except SandboxUnavailable:
+                return  # gone: nothing left to renew
+            except SandboxError:
+                continue  # the next beat retries; the lease has two more thirds to go
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend}:{self.id}>"
@@ -253,6 +294,7 @@ class Sandbox(ABC):
         with self._destroy_lock:
             if self._destroyed:
                 return
+            self._lease_stop.set()
             self._destroy()
             self._destroyed = True
         with _LIVE_LOCK:
@@ -293,6 +335,10 @@ class Sandbox(ABC):
     @abstractmethod
     def _destroy(self) -> None:
         """Remove the sandbox at the provider; an already-gone sandbox is not an error."""
+
+    def _renew_lease(self) -> None:  # noqa: B027 - optional hook: only leased sandboxes implement it
+        """Push the provider-side lifetime forward by the lease (called from the lease thread when
+        the sandbox was made with ``lease_s``); raise ``SandboxUnavailable`` when it is gone."""
 
 
 class SandboxBackend(ABC):

@@ -128,13 +128,15 @@ class ErrorTable:
     """A provider's exceptions, translated to core errors by an ordered table of ``ErrorRule``.
 
     ``provider`` starts each message (``"Daytona: create failed: <the SDK's message>"``);
-    ``status_patterns`` and ``transport`` say how its SDK shows statuses and broken connections.
+    ``status_patterns`` and ``transport`` say how its SDK shows statuses and broken connections;
+    ``url_env`` is the variable that sets the API's URL, named when the API cannot be reached.
     """
 
     provider: str
     rules: tuple[ErrorRule, ...]
     transport: Transport = Transport()
     status_patterns: tuple[re.Pattern[str], ...] = ()
+    url_env: str = ""
 
     def status_of(self, error: BaseException) -> int | None:
         return status_of(error, self.status_patterns)
@@ -170,19 +172,35 @@ class ErrorTable:
         return None
 
     def translate(
-        self, error: BaseException, doing: str, *, context: str = "", sandbox_id: str | None = None
+        self,
+        error: BaseException,
+        doing: str,
+        *,
+        context: str = "",
+        sandbox_id: str | None = None,
+        endpoint: str | None = None,
     ) -> SandboxError:
         """The core error for ``error``, raised while ``doing`` (e.g. "create") in ``context``.
 
         Core errors pass through unchanged; an exception no row matches is a final
-        ``SandboxError`` keeping the provider's message.
+        ``SandboxError`` keeping the provider's message. ``endpoint``: the API's URL, for a call to
+        the API; when no answer came at all the message says it is unreachable, naming the URL and
+        ``url_env`` (not "<doing> failed").
         """
         if isinstance(error, SandboxError):
             return error
-        message = f"{self.provider}: {doing} failed: {error or type(error).__name__}"
+        shown = error or type(error).__name__
+        message = f"{self.provider}: {doing} failed: {shown}"
         rule = self.match(error, context)
         if rule is None:
             return SandboxError(message, sandbox_id=sandbox_id)
+        if endpoint and self.status_of(error) is None and self.is_transport(error):
+            where = f" (${self.url_env})" if self.url_env else ""
+            return rule.error(
+                f"{self.provider}: the API at {endpoint}{where} cannot be reached while {doing}: {shown}",
+                remedy=f"Check that {endpoint} is the right URL{where} and that this machine can reach it.",
+                sandbox_id=sandbox_id,
+            )
         if rule.note:
             message = f"{message} ({rule.note})"
         return rule.error(message, remedy=rule.remedy, sandbox_id=sandbox_id)

@@ -10,9 +10,10 @@ How the core spec maps onto Daytona (details in the package README):
 - resources → whole vCPUs and GiB, rounded up (``memory_mb=1500`` → 2 GiB); Daytona sizes
   snapshot sandboxes by the snapshot, so resources only apply with an image.
 - ``network=False`` → ``network_block_all``; ``env`` → the sandbox's env and every command's.
-- ``lifetime_s`` → auto-stop after that much inactivity, then immediate auto-delete: the backstop
-  when the launcher dies. While a handle is alive a keepalive refreshes the sandbox's activity, so
-  a long step is never auto-stopped (processes inside do not count as activity on Daytona).
+- the lease (``$METAFLOW_SANDBOX_LEASE_S``, at most ``lifetime_s``) → auto-stop after that much
+  inactivity (whole minutes), then immediate auto-delete: an orphan dies within minutes. While a
+  handle is alive, core's lease thread refreshes the sandbox's activity (``_renew_lease``), so a
+  long step is never auto-stopped (processes inside do not count as activity on Daytona).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxSpec,
     SandboxUnavailable,
     TransientError,
+    lease_s,
     owned_labels,
 )
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile
@@ -52,6 +54,7 @@ from .sdk import load_sdk
 TOKEN_LABEL = "metaflow-sandbox-create-token"
 """Unique per create call: finds the sandbox of a create whose answer was lost."""
 _GONE_STATES = {"destroyed", "destroying"}
+DEFAULT_API_URL = "https://app.daytona.io/api"
 
 
 def _gib(megabytes: int | None) -> int | None:
@@ -67,20 +70,14 @@ class DaytonaSandbox(Sandbox):
     """A running Daytona sandbox (wraps the SDK's ``Sandbox``)."""
 
     def __init__(self, backend: DaytonaBackend, sdk_sandbox: Any, spec: SandboxSpec):
-        super().__init__(str(sdk_sandbox.id), "daytona", spec)
         self._backend = backend
         self._sdk_sandbox = sdk_sandbox
         self._workdir: str | None = None
-        self._stop_keepalive = threading.Event()
-        interval = max(5.0, min(60.0, spec.lifetime_s / 3))
-        threading.Thread(target=self._keepalive, args=(interval,), daemon=True, name=f"keepalive-{self.id}").start()
+        super().__init__(str(sdk_sandbox.id), "daytona", spec, lease_s=backend.lease_for(spec))
 
-    def _keepalive(self, interval: float) -> None:
-        while not self._stop_keepalive.wait(interval):
-            try:
-                self._call("refreshing activity", self._sdk_sandbox.refresh_activity, retry=False)
-            except SandboxError:
-                continue  # the next beat retries; auto-stop is minutes away
+    def _renew_lease(self) -> None:
+        # Activity resets the auto-stop countdown (processes inside do not count on Daytona).
+        self._call("refreshing activity", self._sdk_sandbox.refresh_activity, retry=False)
 
     def _call(self, what: str, fn: Callable[[], Any], retry: bool = True) -> Any:
         return call(what, fn, retry=retry, sandbox_id=self.id)
@@ -160,7 +157,6 @@ class DaytonaSandbox(Sandbox):
         transfer.download(self._sdk_sandbox, src, dst, self.id)
 
     def _destroy(self) -> None:
-        self._stop_keepalive.set()
 
         def delete() -> None:
             try:
@@ -216,6 +212,7 @@ class DaytonaBackend(SandboxBackend):
         check_interval_s: float = 15,
     ):
         self._sdk, self.sdk_version = load_sdk()
+        self.lease_s = lease_s()
         # Options arrive resolved by ``get_backend`` (coerced, environment defaults filled in).
         self.api_key = api_key
         self._jwt = os.environ.get("DAYTONA_JWT_TOKEN")
@@ -239,6 +236,10 @@ class DaytonaBackend(SandboxBackend):
         self._prefetch = threading.Thread(target=getattr, args=(self._sdk, "Daytona", None), daemon=True)
         self._prefetch.start()
 
+    def _api(self, what: str, fn: Callable[[], Any], *, retry: bool = True) -> Any:
+        """A control-plane call: an unreachable API is reported naming its URL and DAYTONA_API_URL."""
+        return call(what, fn, retry=retry, endpoint=self.api_url or DEFAULT_API_URL)
+
     @property
     def client(self) -> Any:
         """The SDK's ``Daytona`` client, made on first use (it opens connections)."""
@@ -251,10 +252,14 @@ class DaytonaBackend(SandboxBackend):
                     target=self.target,
                     **({"jwt_token": self._jwt, "organization_id": self._org} if not self.api_key else {}),
                 )
-                self._client = call("connecting", lambda: self._sdk.Daytona(config), retry=False)
+                self._client = self._api("connecting", lambda: self._sdk.Daytona(config), retry=False)
             return self._client
 
     # -- create ----------------------------------------------------------------------------------
+
+    def lease_for(self, spec: SandboxSpec) -> float:
+        """The provider-side lifetime a live handle keeps renewing (``core.backend.lease_s``)."""
+        return min(self.lease_s, spec.lifetime_s)
 
     def params(self, spec: SandboxSpec, token: str) -> Any:
         """The SDK's create parameters for ``spec`` (see the module docstring for the mapping)."""
@@ -263,7 +268,8 @@ class DaytonaBackend(SandboxBackend):
         common: dict[str, Any] = {
             "env_vars": dict(spec.env),
             "labels": {**owned_labels(spec.labels), TOKEN_LABEL: token},
-            "auto_stop_interval": max(1, math.ceil(spec.lifetime_s / 60)),
+            # The lease, in Daytona's whole minutes: an orphan stops (then is deleted) that soon.
+            "auto_stop_interval": max(1, math.ceil(self.lease_for(spec) / 60)),
             "auto_delete_interval": 0,
         }
         if not spec.network:
@@ -308,7 +314,7 @@ class DaytonaBackend(SandboxBackend):
             raise
 
     def _create_once(self, params: Any) -> Any:
-        return call("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
+        return self._api("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
 
     def _by_token(self, token: str, quiet: bool = False) -> Any:
         try:
@@ -321,7 +327,7 @@ class DaytonaBackend(SandboxBackend):
 
     def _delete_quietly(self, sdk_sandbox: Any) -> None:
         with contextlib.suppress(SandboxError):
-            call("deleting a sandbox", sdk_sandbox.delete)
+            self._api("deleting a sandbox", sdk_sandbox.delete)
 
     # -- list / destroy --------------------------------------------------------------------------
 
@@ -330,11 +336,11 @@ class DaytonaBackend(SandboxBackend):
         client, sdk = self.client, self._sdk
         wanted = dict(labels)
         if hasattr(sdk, "ListSandboxesQuery"):
-            return list(call("list", lambda: list(client.list(sdk.ListSandboxesQuery(labels=wanted)))))
+            return list(self._api("list", lambda: list(client.list(sdk.ListSandboxesQuery(labels=wanted)))))
         found: list[Any] = []
         page = 1
         while True:
-            result = call("list", lambda: client.list(labels=wanted, page=page, limit=100))  # noqa: B023
+            result = self._api("list", lambda: client.list(labels=wanted, page=page, limit=100))  # noqa: B023
             if isinstance(result, list):  # releases without pagination
                 return result
             found += list(result.items)
@@ -356,7 +362,7 @@ class DaytonaBackend(SandboxBackend):
     def _state_of(self, sandbox_id: str) -> tuple[str, str]:
         """``(state, error reason)`` of a sandbox; ``("", "")`` when Daytona no longer knows it."""
         try:
-            found = call("reading the sandbox state", lambda: self.client.get(sandbox_id))
+            found = self._api("reading the sandbox state", lambda: self.client.get(sandbox_id))
         except SandboxError as e:
             if is_not_found(e.__cause__ or e):
                 return "", ""
@@ -365,7 +371,7 @@ class DaytonaBackend(SandboxBackend):
 
     def destroy(self, sandbox_id: str) -> None:
         try:
-            found = call("finding the sandbox", lambda: self.client.get(sandbox_id))
+            found = self._api("finding the sandbox", lambda: self.client.get(sandbox_id))
         except SandboxError as e:
             if is_not_found(e.__cause__ or e):
                 return
@@ -380,4 +386,4 @@ class DaytonaBackend(SandboxBackend):
                 if not is_not_found(e):
                     raise
 
-        call("deleting the sandbox", delete)
+        self._api("deleting the sandbox", delete)

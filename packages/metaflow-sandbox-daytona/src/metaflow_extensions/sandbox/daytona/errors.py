@@ -37,6 +37,7 @@ IMAGE_REMEDY = (
 
 TABLE = ErrorTable(
     provider="Daytona",
+    url_env=URL_ENV,
     transport=Transport(
         names=(
             "Connect",  # ConnectionError, ConnectError, ClientConnectionError, NewConnectionError...
@@ -92,12 +93,17 @@ def is_conflict(error: BaseException) -> bool:
     return status_of(error) == 409 or "already exists" in str(error).lower()
 
 
-def translate(error: BaseException, what: str, *, sandbox_id: str | None = None) -> SandboxError:
-    """The core error for a provider exception raised while doing ``what`` (``"create"``: creating)."""
-    return TABLE.translate(error, what, context=what, sandbox_id=sandbox_id)
+def translate(
+    error: BaseException, what: str, *, sandbox_id: str | None = None, endpoint: str | None = None
+) -> SandboxError:
+    """The core error for a provider exception raised while doing ``what`` (``"create"``: creating);
+    ``endpoint``: the API's URL, when the call went to the API."""
+    return TABLE.translate(error, what, context=what, sandbox_id=sandbox_id, endpoint=endpoint)
 
 
-def call(what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str | None = None) -> T:
+def call(
+    what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str | None = None, endpoint: str | None = None
+) -> T:
     """``fn()`` with provider exceptions translated; transient failures retried when ``retry``."""
 
     def attempt() -> T:
@@ -106,7 +112,7 @@ def call(what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str 
         except SandboxError:
             raise
         except Exception as e:
-            raise translate(e, what, sandbox_id=sandbox_id) from e
+            raise translate(e, what, sandbox_id=sandbox_id, endpoint=endpoint) from e
 
     return with_retries(attempt) if retry else attempt()
 

@@ -5,10 +5,11 @@ Layer: e2b backend. Imports: the standard library and core; the ``e2b`` SDK lazi
 
 How the core spec maps to E2B: ``image`` → template (default ``base``), ``env`` → ``envs`` (at
 create and per command), ``labels`` → sandbox metadata (what ``list`` filters on), ``network=False``
-→ ``allow_internet_access=False``, ``lifetime_s`` → the sandbox timeout, pushed forward while a
-command runs so a long step never hits it. CPU, memory and disk are fixed by the template: asking
-for them warns (a GPU is refused). Commands run with ``bash -l -c`` in ``/home/user`` (the default
-user's home, also the base of relative file paths).
+→ ``allow_internet_access=False``, the lease (``$METAFLOW_SANDBOX_LEASE_S``, at most ``lifetime_s``)
+→ the sandbox timeout, pushed forward by core's lease thread while the handle lives (and while a
+command runs) so a long step never hits it and an orphan dies within the lease. CPU, memory and
+disk are fixed by the template: asking for them warns (a GPU is refused). Commands run with ``bash
+-l -c`` in ``/home/user`` (the default user's home, also the base of relative file paths).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxSpec,
     SandboxUnavailable,
     TransientError,
+    lease_s,
     owned_labels,
 )
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile, with_retries
@@ -66,24 +68,25 @@ class E2BResourceWarning(UserWarning):
     """Requested resources that E2B cannot give per sandbox (they are fixed by the template)."""
 
 
-def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, envd: bool = False) -> T:
-    """Run an SDK call, translating whatever it raises into a core error."""
+def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, endpoint: str | None = None) -> T:
+    """Run an SDK call to the API at ``endpoint``, translating whatever it raises into a core error."""
     try:
         return action()
     except SandboxError:
         raise
     except Exception as e:
-        raise translate(e, doing, sandbox_id=sandbox_id, envd=envd) from e
+        raise translate(e, doing, sandbox_id=sandbox_id, endpoint=endpoint) from e
 
 
 class E2BSandbox(Sandbox):
     """A live E2B sandbox; ``sdk`` is the SDK's ``Sandbox`` object."""
 
     def __init__(self, sdk_sandbox: Any, spec: SandboxSpec, backend: E2BBackend):
-        super().__init__(sdk_sandbox.sandbox_id, "e2b", spec)
         self.sdk = sdk_sandbox
         self.backend_ref = backend
         self.timeout_s = backend.sandbox_timeout(spec)
+        # The timeout is the lease: core's lease thread renews it (``_renew_lease``) while this lives.
+        super().__init__(sdk_sandbox.sandbox_id, "e2b", spec, lease_s=float(self.timeout_s))
         # How long E2B actually grants (a plan may cap the timeout); learned without delaying create.
         self._window = float(self.timeout_s)
         self._last_refresh = time.monotonic()
@@ -118,6 +121,9 @@ class E2BSandbox(Sandbox):
 
         with_retries(refresh, attempts=3, cap_s=2.0)
         self._last_refresh = time.monotonic()
+
+    def _renew_lease(self) -> None:
+        self.keep_alive()
 
     def refresh_if_due(self) -> None:
         """Before each operation: extend the timeout if a third of it passed since the last time
@@ -285,11 +291,13 @@ class E2BBackend(SandboxBackend):
         if not api_key:
             raise ConfigurationError("The e2b sandbox backend needs an E2B API key; none is set.", remedy=KEY_REMEDY)
         self.max_timeout_s = int(max_timeout_s)
+        self.lease_s = lease_s()
         self.template = template or None
         self.workdir = workdir.rstrip("/") or "/"
         self.check_interval_s = float(check_interval_s)
         self.request_timeout_s = float(request_timeout_s)
         given = {"api_url": api_url, "sandbox_url": sandbox_url, "domain": domain}
+        self.endpoint = api_url or f"https://api.{domain or 'e2b.app'}"
         self._opts: dict[str, Any] = {
             "api_key": api_key,
             "request_timeout": self.request_timeout_s,
@@ -302,8 +310,9 @@ class E2BBackend(SandboxBackend):
         self.command_settings = CommandSettings(self.workdir, self.check_interval_s, self.request_timeout_s)
 
     def sandbox_timeout(self, spec: SandboxSpec) -> int:
-        """The E2B timeout for ``spec``: its lifetime, capped to what every E2B plan accepts."""
-        return min(int(spec.lifetime_s), self.max_timeout_s)
+        """The E2B timeout for ``spec``: the lease (``$METAFLOW_SANDBOX_LEASE_S``), at most its
+        lifetime and what every E2B plan accepts."""
+        return max(1, int(min(self.lease_s, spec.lifetime_s, self.max_timeout_s)))
 
     def _check_resources(self, spec: SandboxSpec) -> None:
         res = spec.resources
@@ -339,7 +348,7 @@ class E2BBackend(SandboxBackend):
             try:
                 return E2BSandbox(self._e2b.Sandbox.create(**kwargs), spec, self)
             except Exception as e:
-                raise translate_create(e, template or "base") from e
+                raise translate_create(e, template or "base", self.endpoint) from e
 
         def adopt() -> E2BSandbox | None:
             # Creating is not idempotent on every SDK: a lost answer may hide a sandbox. Adopt it.
@@ -347,7 +356,9 @@ class E2BBackend(SandboxBackend):
             if not found:
                 return None
             connected = _call(
-                lambda: self._e2b.Sandbox.connect(found[0].sandbox_id, **self._opts), "adopting a created sandbox"
+                lambda: self._e2b.Sandbox.connect(found[0].sandbox_id, **self._opts),
+                "adopting a created sandbox",
+                endpoint=self.endpoint,
             )
             return E2BSandbox(connected, spec, self)
 
@@ -364,7 +375,7 @@ class E2BBackend(SandboxBackend):
                 found += pages.next_items()
             return found
 
-        return with_retries(lambda: _call(fetch, "listing sandboxes"))
+        return with_retries(lambda: _call(fetch, "listing sandboxes", endpoint=self.endpoint))
 
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
         wanted = owned_labels(labels)
@@ -382,6 +393,9 @@ class E2BBackend(SandboxBackend):
         # Sandbox.kill answers False for an unknown id: already gone is not an error.
         with_retries(
             lambda: _call(
-                lambda: self._e2b.Sandbox.kill(sandbox_id, **self._opts), "destroying a sandbox", sandbox_id=sandbox_id
+                lambda: self._e2b.Sandbox.kill(sandbox_id, **self._opts),
+                "destroying a sandbox",
+                sandbox_id=sandbox_id,
+                endpoint=self.endpoint,
             )
         )

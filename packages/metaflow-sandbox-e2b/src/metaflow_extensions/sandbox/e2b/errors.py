@@ -31,6 +31,7 @@ _TEMPLATE_REMEDY = "Check the name with `e2b template list`, or build it with `e
 
 TABLE = ErrorTable(
     provider="E2B",
+    url_env=URL_ENV,
     # Errors raised below the SDK (httpx/httpcore before 2.35, pyqwest after) when E2B cannot be reached.
     transport=Transport(modules=("httpx", "httpcore", "pyqwest", "h11", "h2", "ssl", "socket")),
     status_patterns=(re.compile(r"^\s*(\d{3})\b"),),
@@ -73,15 +74,24 @@ def is_transport_error(error: BaseException) -> bool:
     return TABLE.is_transport(error)
 
 
-def translate(error: BaseException, doing: str, *, sandbox_id: str | None = None, envd: bool = False) -> SandboxError:
+def translate(
+    error: BaseException,
+    doing: str,
+    *,
+    sandbox_id: str | None = None,
+    envd: bool = False,
+    endpoint: str | None = None,
+) -> SandboxError:
     """The core error for an SDK exception raised while ``doing`` (e.g. "creating a sandbox");
-    ``envd``: the call went to the sandbox's own daemon."""
-    return TABLE.translate(error, doing, context="envd" if envd else "", sandbox_id=sandbox_id)
+    ``envd``: the call went to the sandbox's own daemon; ``endpoint``: to the API at that URL."""
+    context = "envd" if envd else ""
+    return TABLE.translate(error, doing, context=context, sandbox_id=sandbox_id, endpoint=endpoint)
 
 
-def translate_create(error: BaseException, template: str) -> SandboxError:
+def translate_create(error: BaseException, template: str, endpoint: str | None = None) -> SandboxError:
     """Errors of ``Sandbox.create``: a missing template is an image error, bad values configuration."""
-    return TABLE.translate(error, f"creating a sandbox from template {template!r}", context="create")
+    doing = f"creating a sandbox from template {template!r}"
+    return TABLE.translate(error, doing, context="create", endpoint=endpoint)
 
 
 def translate_download(error: BaseException, path: str, sandbox_id: str) -> SandboxError:
