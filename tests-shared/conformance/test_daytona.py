@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conformance.leases import orphan_dies_while_the_live_owner_keeps_its_sandbox
 from metaflow_extensions.sandbox.core import (
     AuthenticationError,
     ConfigurationError,
@@ -373,14 +374,6 @@ class TestDaytonaLive(BackendConformance):
 
 # -- leases ---------------------------------------------------------------------------------------
 
-ORPHAN = """
-import sys, time
-from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
-backend = get_backend("daytona", api_url=sys.argv[1] + "/api", api_key="k")
-print(backend.create(SandboxSpec(labels={"lease": "test"})).id, flush=True)
-time.sleep(600)
-"""
-
 
 @pytest.fixture(scope="module")
 def short_minute_emulator() -> Iterator[str]:
@@ -393,22 +386,5 @@ def test_an_orphan_dies_with_its_lease_while_a_live_owner_keeps_its_sandbox(shor
     url = short_minute_emulator
     # A 3 s lease: auto-stop after one (2 s) minute without activity; live owners renew every second.
     monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "3")
-    backend = daytona(url)
-    with backend.create(SandboxSpec(labels={"lease": "test"})) as kept:
-        # Made after ``kept``: the emulator stops idle sandboxes oldest first, so once the orphan
-        # is gone, ``kept`` would be gone too had its owner not renewed its lease.
-        owner = subprocess.Popen(
-            [sys.executable, "-c", ORPHAN, url], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
-        )
-        assert owner.stdout is not None
-        orphan = owner.stdout.readline().strip()
-        owner.kill()  # SIGKILL: no clean-up of any kind, only the lease
-        owner.wait(60)
-        listed = {orphan}
-        for _ in range(600):  # a bound, not a timing: the orphan goes after its minute
-            listed = {i.id for i in backend.list(labels={"lease": "test"})}
-            if orphan not in listed:
-                break
-            time.sleep(0.1)
-        assert orphan not in listed and kept.id in listed
-        assert kept.run("echo alive").stdout == "alive\n"
+    options = {"api_url": f"{url}/api", "api_key": KEY}
+    orphan_dies_while_the_live_owner_keeps_its_sandbox(daytona(url), json.dumps(options))

@@ -7,6 +7,7 @@ Layer: tests-shared. Imports: pytest, the standard library, core and ``sandbox_t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance.leases import orphan_dies_while_the_live_owner_keeps_its_sandbox
 from metaflow_extensions.sandbox.core import (
     AuthenticationError,
     ConfigurationError,
@@ -239,33 +241,8 @@ class TestE2BLive(BackendConformance):
         return get_backend("e2b")
 
 
-ORPHAN = """
-import sys, time
-from metaflow_extensions.sandbox.core import get_backend, SandboxSpec
-backend = get_backend("e2b", api_url=sys.argv[1], sandbox_url=sys.argv[1], api_key=sys.argv[2])
-print(backend.create(SandboxSpec(labels={"lease": "test"})).id, flush=True)
-time.sleep(600)
-"""
-
-
 def test_an_orphan_dies_with_its_lease_while_a_live_owner_keeps_its_sandbox(e2b_emulator, monkeypatch):
     # A 3 s lease is the E2B timeout; live owners push it forward every second.
     monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "3")
-    backend = emulated(e2b_emulator)
-    with backend.create(SandboxSpec(labels={"lease": "test"})) as kept:
-        # Made after ``kept``, so it expires after ``kept`` would have, had its owner not renewed.
-        owner = subprocess.Popen(
-            [sys.executable, "-c", ORPHAN, e2b_emulator, EMULATOR_API_KEY], stdout=subprocess.PIPE, text=True
-        )
-        assert owner.stdout is not None
-        orphan = owner.stdout.readline().strip()
-        owner.kill()  # SIGKILL: no clean-up of any kind, only the lease
-        owner.wait(60)
-        listed = {orphan}
-        for _ in range(600):  # a bound, not a timing: the orphan goes at its deadline
-            listed = {i.id for i in backend.list(labels={"lease": "test"})}
-            if orphan not in listed:
-                break
-            time.sleep(0.1)
-        assert orphan not in listed and kept.id in listed
-        assert kept.run("echo alive").stdout == "alive\n"
+    options = {"api_url": e2b_emulator, "sandbox_url": e2b_emulator, "api_key": EMULATOR_API_KEY}
+    orphan_dies_while_the_live_owner_keeps_its_sandbox(emulated(e2b_emulator), json.dumps(options))

@@ -1,6 +1,6 @@
 """The provider kit: what every backend built on a provider's SDK needs, written once.
 
-Layer: core (bottom). Imports: the standard library and ``core.errors``. Never an SDK: the
+Layer: core (bottom). Imports: the standard library, ``core.errors`` and ``core.retry``. Never an SDK: the
 backend passes its SDK's exceptions in and gets core errors out.
 
 - **Error translation** (``ErrorTable``): a backend declares an ordered table of ``ErrorRule``
@@ -14,7 +14,7 @@ backend passes its SDK's exceptions in and gets core errors out.
   ``Requires-Dist`` metadata, so the range lives in ``pyproject.toml`` only; a missing SDK names the
   SDK's own distribution and the range to install.
 
-Retrying, and reconciling an ambiguous create, is ``core.retry``.
+Retrying (``ErrorTable.call(..., retry=True)``), and reconciling an ambiguous create, is ``core.retry``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 from .errors import ConfigurationError, SandboxError
+from .retry import with_retries
+
+T = TypeVar("T")
 
 # -- exceptions: cause chains, statuses, transports ---------------------------------------------
 
@@ -204,6 +208,29 @@ class ErrorTable:
         if rule.note:
             message = f"{message} ({rule.note})"
         return rule.error(message, remedy=rule.remedy, sandbox_id=sandbox_id)
+
+    def call(
+        self,
+        fn: Callable[[], T],
+        doing: str,
+        *,
+        context: str = "",
+        sandbox_id: str | None = None,
+        endpoint: str | None = None,
+        retry: bool = False,
+    ) -> T:
+        """``fn()`` (an SDK call) with whatever it raises translated (``translate``); transient
+        failures retried with backoff when ``retry`` (for idempotent calls only)."""
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except SandboxError:
+                raise
+            except Exception as e:
+                raise self.translate(e, doing, context=context, sandbox_id=sandbox_id, endpoint=endpoint) from e
+
+        return with_retries(attempt) if retry else attempt()
 
 
 # -- the SDK and its supported range -------------------------------------------------------------

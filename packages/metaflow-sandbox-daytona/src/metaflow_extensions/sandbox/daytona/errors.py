@@ -1,6 +1,6 @@
 """Daytona's exceptions as core errors: the declared table the provider kit translates with.
 
-Layer: backend. Imports: the standard library and core (``errors``, ``provider``, ``retry``).
+Layer: backend. Imports: the standard library and core (``errors``, ``provider``).
 
 The SDK raises ``DaytonaError`` subclasses (older releases: ``DaytonaError`` with a status code,
 or only a message), and transport exceptions (httpx, urllib3, aiohttp, websockets) underneath.
@@ -23,7 +23,6 @@ from metaflow_extensions.sandbox.core import (
     TransientError,
 )
 from metaflow_extensions.sandbox.core.provider import ErrorRule, ErrorTable, Transport, class_names
-from metaflow_extensions.sandbox.core.retry import with_retries
 
 T = TypeVar("T")
 
@@ -77,11 +76,6 @@ TABLE = ErrorTable(
 )  # fmt: skip
 
 
-def status_of(error: BaseException) -> int | None:
-    """The HTTP status behind ``error`` (or anything it was raised from), if there was one."""
-    return TABLE.status_of(error)
-
-
 def is_not_found(error: BaseException) -> bool:
     if TABLE.is_not_found(error):
         return True
@@ -90,7 +84,7 @@ def is_not_found(error: BaseException) -> bool:
 
 
 def is_conflict(error: BaseException) -> bool:
-    return status_of(error) == 409 or "already exists" in str(error).lower()
+    return TABLE.status_of(error) == 409 or "already exists" in str(error).lower()
 
 
 def translate(
@@ -105,16 +99,7 @@ def call(
     what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str | None = None, endpoint: str | None = None
 ) -> T:
     """``fn()`` with provider exceptions translated; transient failures retried when ``retry``."""
-
-    def attempt() -> T:
-        try:
-            return fn()
-        except SandboxError:
-            raise
-        except Exception as e:
-            raise translate(e, what, sandbox_id=sandbox_id, endpoint=endpoint) from e
-
-    return with_retries(attempt) if retry else attempt()
+    return TABLE.call(fn, what, context=what, sandbox_id=sandbox_id, endpoint=endpoint, retry=retry)
 
 
 def download_error(error: BaseException, src: str, sandbox_id: str) -> SandboxError:

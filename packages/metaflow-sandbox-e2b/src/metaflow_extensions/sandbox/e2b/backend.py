@@ -41,7 +41,7 @@ from metaflow_extensions.sandbox.core import (
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile, with_retries
 
 from .commands import CommandRun, CommandSettings
-from .errors import KEY_REMEDY, is_transport_error, translate, translate_create, translate_download
+from .errors import KEY_REMEDY, TABLE, translate, translate_create, translate_download
 from .sdk import sdk
 from .transfer import Progress, WatchedReader, watched
 
@@ -70,12 +70,7 @@ class E2BResourceWarning(UserWarning):
 
 def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, endpoint: str | None = None) -> T:
     """Run an SDK call to the API at ``endpoint``, translating whatever it raises into a core error."""
-    try:
-        return action()
-    except SandboxError:
-        raise
-    except Exception as e:
-        raise translate(e, doing, sandbox_id=sandbox_id, endpoint=endpoint) from e
+    return TABLE.call(action, doing, sandbox_id=sandbox_id, endpoint=endpoint)
 
 
 class E2BSandbox(Sandbox):
@@ -146,7 +141,7 @@ class E2BSandbox(Sandbox):
             raise
         except Exception as e:
             error = translate(e, doing, sandbox_id=self.id, envd=True)
-            if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+            if isinstance(error, SandboxUnavailable) and TABLE.is_transport(e) and self.is_alive():
                 error = TransientError(f"E2B failed while {doing}: {e!r}", sandbox_id=self.id)
             raise error from e
 
@@ -224,7 +219,7 @@ class E2BSandbox(Sandbox):
                 raise
             except Exception as e:
                 error = translate_download(e, path, self.id)
-                if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+                if isinstance(error, SandboxUnavailable) and TABLE.is_transport(e) and self.is_alive():
                     error = TransientError(f"E2B failed while downloading {path!r}: {e!r}", sandbox_id=self.id)
                 raise error from e
 

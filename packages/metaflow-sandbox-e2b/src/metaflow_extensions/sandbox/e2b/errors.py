@@ -64,16 +64,6 @@ TABLE = ErrorTable(
 )  # fmt: skip
 
 
-def status_of(error: BaseException) -> int | None:
-    """The HTTP status behind an SDK error, when it says (attribute or ``"503: ..."`` prefix)."""
-    return TABLE.status_of(error)
-
-
-def is_transport_error(error: BaseException) -> bool:
-    """E2B could not be reached or the connection broke (no HTTP answer at all)."""
-    return TABLE.is_transport(error)
-
-
 def translate(
     error: BaseException,
     doing: str,
@@ -95,6 +85,6 @@ def translate_create(error: BaseException, template: str, endpoint: str | None =
 
 
 def translate_download(error: BaseException, path: str, sandbox_id: str) -> SandboxError:
-    if "NotFoundException" in class_names(error) or status_of(error) == 404:
+    if "NotFoundException" in class_names(error) or TABLE.status_of(error) == 404:
         return SandboxFileNotFound(f"No file {path!r} in sandbox {sandbox_id}.", sandbox_id=sandbox_id)
     return translate(error, f"downloading {path!r}", sandbox_id=sandbox_id, envd=True)
