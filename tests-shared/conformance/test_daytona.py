@@ -69,8 +69,9 @@ class TestDaytonaEmulated(BackendConformance):
 
     @pytest.fixture
     def foreign_sandbox(self, emulator, labels):
-        import daytona as sdk
+        from metaflow_extensions.sandbox.daytona.sdk import load_sdk
 
+        sdk, _ = load_sdk()  # ``daytona``, or its alias ``daytona_sdk`` alone
         client = sdk.Daytona(sdk.DaytonaConfig(api_key=KEY, api_url=f"{emulator}/api"))
         made = client.create(sdk.CreateSandboxFromSnapshotParams(labels=labels))
         yield str(made.id)
