@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from metaflow_extensions.sandbox.core import ConfigurationError, ImageError, SandboxUnavailable
-from metaflow_extensions.sandbox.plugins import executor, staging
+from metaflow_extensions.sandbox.plugins import executor, request, staging
 
 
 def code_package(files: dict[str, str]) -> bytes:
@@ -50,7 +50,7 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     package = tmp_path / "package.tgz"
     package.write_bytes(code_package({"flow.py": "print('code')\n"}))
 
-    def make(step_command: str, **overrides) -> executor.TaskRequest:
+    def make(step_command: str, **overrides) -> request.TaskRequest:
         fields = dict(
             backend="local",
             backend_options={},
@@ -65,7 +65,7 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             hard_limit_s=120,
         )
         fields.update(overrides)
-        return executor.TaskRequest(**fields)
+        return request.TaskRequest(**fields)
 
     return make
 

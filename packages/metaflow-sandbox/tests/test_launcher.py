@@ -15,7 +15,7 @@ from pathlib import Path
 
 from metaflow.mflog import mflog
 
-from metaflow_extensions.sandbox.plugins import executor, staging
+from metaflow_extensions.sandbox.plugins import logs, request, staging
 
 
 def test_the_launcher_does_not_import_metaflow():
@@ -28,7 +28,7 @@ def test_the_launcher_does_not_import_metaflow():
 
 
 def test_log_lines_are_what_metaflow_parses():
-    line = mflog.parse(executor.mflog_line("héllo | [x] ]"))
+    line = mflog.parse(logs.mflog_line("héllo | [x] ]"))
     assert line is not None
     assert (line.msg, line.logsource, line.version) == ("héllo | [x] ]".encode(), b"task", b"0")
     assert not line.should_persist
@@ -43,7 +43,7 @@ def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatc
     with tarfile.open(fileobj=code, mode="w") as tar:
         tar.addfile(tarfile.TarInfo("flow.py"), io.BytesIO(b""))
     staging.code_archive(code.getvalue(), str(package))
-    req = executor.TaskRequest(
+    req = request.TaskRequest(
         backend="local",
         backend_options={},
         step_command='mkdir -p "$T" && touch "$T/1.attempt.json" && echo "$WHO ran" && exit 4',
@@ -57,12 +57,12 @@ def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatc
         attempt=1,
         code_tar=str(package),
     )
-    request = tmp_path / "request.json"
-    req.save(str(request))
-    launcher = [sys.executable, "-m", "metaflow_extensions.sandbox.plugins.launcher", str(request)]
+    request_file = tmp_path / "request.json"
+    req.save(str(request_file))
+    launcher = [sys.executable, "-m", "metaflow_extensions.sandbox.plugins.launcher", str(request_file)]
     done = subprocess.run([*launcher, "--local-config-file", "/ignored"], capture_output=True, check=False)
     assert done.returncode == 4, done.stderr
-    assert not request.exists(), "the request (which may hold env values) is removed"
+    assert not request_file.exists(), "the request (which may hold env values) is removed"
     assert mflog.parse(done.stdout.splitlines()[0]).msg == b"the task ran", "lines are echoed as mflog lines"
     saved = Path(loc.task_dir, "1.task_stdout.log").read_bytes()
     assert [mflog.parse(line).msg for line in saved.splitlines()] == [b"the task ran"]

@@ -24,7 +24,9 @@ from typing import Any
 
 from metaflow_extensions.sandbox.core import destroy_all_live
 
-from .executor import TaskRequest, execute, say
+from .executor import execute
+from .logs import say
+from .request import TaskRequest
 
 
 def _install_signal_handlers() -> None:

@@ -1,20 +1,19 @@
 """``python flow.py sandbox list|kill|doctor``: find and destroy the sandboxes of a flow by their labels;
 check that the backends its steps use work here.
 
-Layer: plugins (a CLI group next to the decorator; the task itself runs through ``launch`` and
+Layer: plugins (a CLI group next to the decorator; the task itself runs through ``reroute`` and
 ``launcher``). Imports: metaflow, the core registry and doctor, ``plugins.metadata``, ``plugins.doctor``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from metaflow import util
 from metaflow._vendor import click
 
-from metaflow_extensions.sandbox.core import SandboxError, get_backend
+from metaflow_extensions.sandbox.core import SandboxError, default_backend, get_backend
 
 from .exceptions import SandboxException
 from .metadata import selector
@@ -31,10 +30,9 @@ def sandbox() -> None:
 
 
 def _backend_for(name: str | None) -> Any:
-    from .sandbox_decorator import BACKEND_ENV, DEFAULT_BACKEND
 
     try:
-        return get_backend(name or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND)
+        return get_backend(name or default_backend())
     except SandboxError as e:
         raise SandboxException(str(e)) from e
 
@@ -84,7 +82,7 @@ def kill(ctx: Any, run_id: str | None, my_runs: bool, backend: str | None) -> No
 def doctor(ctx: Any, backend: tuple[str, ...]) -> None:
     from metaflow_extensions.sandbox.core.doctor import Finding, report, run_doctor
 
-    from .doctor import default_backend, flow_backends, metaflow_findings
+    from .doctor import flow_backends, metaflow_findings
 
     backends: dict[str, dict[str, Any]] = {name: {} for name in backend} or flow_backends(
         ctx.obj.flow, default_backend()

@@ -5,7 +5,7 @@ Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, 
 
 This module is imported at every ``import metaflow``, in every task too: keep it light. The
 decorator validates in ``step_init`` and reroutes the task to the ``launcher``
-(``launch.reroute``), which does the actual work.
+(``reroute.reroute``), which does the actual work.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Any, ClassVar
 
 from metaflow.decorators import StepDecorator
 
-from .exceptions import SandboxException
+from metaflow_extensions.sandbox.core import default_backend
 
-BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND"
-DEFAULT_BACKEND = "local"
-IN_SANDBOX_ENV = "METAFLOW_SANDBOX_ID"
-"""Set inside a sandbox by the launcher: the task is the remote half, not the launcher."""
+from .exceptions import SandboxException
+from .metadata import SANDBOX_ID_ENV
 
 # Commands that compile the flow for another orchestrator: they never call the runtime hooks, so
 # a sandboxed step would silently run in the orchestrator's pod instead.
@@ -185,7 +183,7 @@ class SandboxDecorator(StepDecorator):
         self.data_path = datastores.data_path(flow_datastore.TYPE, self.attributes["data_path"], where)
         self.attributes["credentials"] = datastores.credentials_mode(self.attributes["credentials"], where)
         starting = any(arg in ("run", "resume") for arg in sys.argv[1:])
-        if self.data_path == "direct" and starting and os.environ.get(IN_SANDBOX_ENV) is None:
+        if self.data_path == "direct" and starting and os.environ.get(SANDBOX_ID_ENV) is None:
             from metaflow import util
 
             user = util.get_username() or "unknown"
@@ -203,10 +201,10 @@ class SandboxDecorator(StepDecorator):
                     f"(got backend={requested!r}). Use @sandbox(backend={requested!r}) instead."
                 )
             requested = self.alias_of
-        backend = str(requested or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip()
+        backend = str(requested or default_backend()).strip()
         if not backend:
             raise SandboxException(f"@{self.name} on step *{step}*: backend must not be empty.")
-        if os.environ.get(IN_SANDBOX_ENV) is None:
+        if os.environ.get(SANDBOX_ID_ENV) is None:
             # Only the launcher creates sandboxes; entry points do not exist inside one.
             from metaflow_extensions.sandbox.core import SandboxError
             from metaflow_extensions.sandbox.core.registry import backend_class
@@ -238,7 +236,7 @@ class SandboxDecorator(StepDecorator):
 
     def _preflight(self, step: str) -> None:
         """Before ``run`` or ``resume`` starts tasks: the backend works with these options."""
-        if os.environ.get(IN_SANDBOX_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
+        if os.environ.get(SANDBOX_ID_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
             return
         from metaflow_extensions.sandbox.core import SandboxError
 
@@ -270,7 +268,7 @@ class SandboxDecorator(StepDecorator):
         credential among ``options`` would be persisted. Credentials come from the environment."""
         backend = self.attributes["backend"]
         declared: dict[str, str] = {}
-        if os.environ.get(IN_SANDBOX_ENV) is None:  # entry points exist only on the launcher side
+        if os.environ.get(SANDBOX_ID_ENV) is None:  # entry points exist only on the launcher side
             from metaflow_extensions.sandbox.core.options import secret_variables
             from metaflow_extensions.sandbox.core.registry import backend_class
 
@@ -319,7 +317,7 @@ class SandboxDecorator(StepDecorator):
         self.package = package
 
     def runtime_finished(self, exception: Any) -> None:
-        from .launch import forget_requests
+        from .request import forget_requests
 
         forget_requests()
 
@@ -330,7 +328,7 @@ class SandboxDecorator(StepDecorator):
         if list(cli_args.commands) != ["step"]:
             # e.g. `spin` (2.19+) runs `spin-step` locally by design; leave other commands alone.
             return
-        from .launch import reroute
+        from .reroute import reroute
 
         reroute(self, cli_args, retry_count)
 
@@ -351,7 +349,7 @@ class SandboxDecorator(StepDecorator):
         inputs: Any,
     ) -> None:
         # Also runs for the local @catch fallback attempt: record only what happened in a sandbox.
-        if os.environ.get(IN_SANDBOX_ENV) and not getattr(self, "inert", False):
+        if os.environ.get(SANDBOX_ID_ENV) and not getattr(self, "inert", False):
             from .metadata import register_sandbox_metadata
 
             register_sandbox_metadata(metadata, run_id, step_name, task_id, retry_count)
