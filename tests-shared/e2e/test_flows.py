@@ -48,6 +48,10 @@ def test_linear_flow_parameters_env_logs_and_metadata(flowdir, backend_name):
     assert end["artifacts"]["in_sandbox_at_end"] is False and not end["sandbox"]
     # Streamed live, with Metaflow's task prefix.
     assert re.search(r"\[\S+/start/1 \(pid \d+\)\] start says hi", proc.stdout + proc.stderr)
+    # One lifecycle line per sandboxed task (start, middle), at its end.
+    phases = r"create [\d.]+s, stage [\d.]+s, run [\d.]+s, merge [\d.]+s\."
+    lifecycle = re.findall(rf"Sandbox \S+ \({backend_name}, \S+, data path \w+\): {phases}", proc.stdout + proc.stderr)
+    assert len(lifecycle) == 2, proc.stdout + proc.stderr
     logs = flowdir.run("linear_flow.py", "logs", f"{run['id']}/start")
     assert "start says hi" in logs.stdout + logs.stderr
     err_logs = flowdir.run("linear_flow.py", "logs", "--stderr", f"{run['id']}/start")
@@ -107,6 +111,9 @@ def test_config_values_reach_the_sandboxed_step(flowdir, backend_name):
 def test_user_exception_fails_the_run_after_retries(flowdir):
     proc = flowdir.run("failing_flow.py", "run", "--mode", "exception", ok=False)
     assert "boom-user-error" in proc.stdout + proc.stderr
+    # The traceback names the user's file, not the sandbox's copy of it.
+    assert f'File "{flowdir.path / "failing_flow.py"}", line' in proc.stdout + proc.stderr
+    assert "/code/failing_flow.py" not in proc.stdout + proc.stderr
     assert "Task is starting (retry)" in proc.stdout + proc.stderr
     run = flowdir.inspect("FailingFlow")
     assert not run["successful"]
@@ -228,6 +235,20 @@ def test_bad_arguments_fail_before_anything_runs(flowdir, args, env, message):
     assert "Sandbox error" in out and message in out, out
     assert "Workflow starting" not in out and "INJECTED" not in out.replace("echo INJECTED", "")
     assert "sekrit" not in out
+
+
+def test_a_local_backend_warning_is_said_once_per_run(flowdir, backend_name, tmp_path):
+    if backend_name != "local":
+        pytest.skip("the warning of the local backend without bubblewrap")
+    # A bubblewrap that cannot create namespaces (as in many containers): plain processes, warned.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "bwrap").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "bwrap").chmod(0o755)
+    proc = flowdir.run("linear_flow.py", "run", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    out = proc.stdout + proc.stderr
+    assert out.count("NOT an isolation boundary") == 1, out
+    assert "IsolationWarning" not in out and "(local, process, data path relay)" in out
 
 
 def test_deployers_fail_fast(flowdir):

@@ -53,6 +53,9 @@ class TaskRequest:
     # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
     secret_env: Mapping[str, str] = field(default_factory=dict)
     metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
+    flow_dir: str = ""  # the flow's directory on the launcher's machine: tracebacks name its files
+    # Warnings the runtime showed once for the whole run (``preflight``): the launcher stays quiet.
+    shown_warnings: list[str] = field(default_factory=list)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:

@@ -144,7 +144,7 @@ class SandboxDecorator(StepDecorator):
         self._check_context(step, decos, flow_datastore, logger)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
-        self._preflight(step)
+        self._preflight(step, logger)
 
     def _dedupe(self, step: str, decos: list[Any]) -> bool:
         """``--with sandbox`` plus a static ``@daytona`` gives two decorators of one family: the
@@ -234,8 +234,9 @@ class SandboxDecorator(StepDecorator):
         if attrs["image"] is not None and not isinstance(attrs["image"], str):
             raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
 
-    def _preflight(self, step: str) -> None:
-        """Before ``run`` or ``resume`` starts tasks: the backend works with these options."""
+    def _preflight(self, step: str, logger: Any) -> None:
+        """Before ``run`` or ``resume`` starts tasks: the backend works with these options. Its
+        warnings are said here, once for the run (the launchers stay quiet)."""
         if os.environ.get(SANDBOX_ID_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
             return
         from metaflow_extensions.sandbox.core import SandboxError
@@ -243,9 +244,11 @@ class SandboxDecorator(StepDecorator):
         from .preflight import check_backend
 
         try:
-            check_backend(self.attributes["backend"], self.attributes["options"])
+            news = check_backend(self.attributes["backend"], self.attributes["options"])
         except SandboxError as e:
             raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
+        for message in news:
+            logger(f"Warning: {message}")
 
     def _check_env(self, step: str, decos: list[Any]) -> None:
         """Every variable name the sandbox gets (``env=`` and ``@environment``) must be a shell
