@@ -179,3 +179,12 @@ def test_warnings_the_runtime_showed_are_not_repeated(request_for):
         )
         warnings.warn("another warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another warning"]
+
+
+def test_the_hard_limit_kill_names_the_fix_and_is_not_retried(request_for, capfd):
+    req = request_for("sleep 60", hard_limit_s=1)
+    assert executor.execute(req) == executor.EXIT_DISALLOW_RETRY
+    err = capfd.readouterr().err
+    assert "hard limit of 1 s" in err and "raise @sandbox(timeout=...)" in err and "not retried" in err, err
+    assert "transient" not in err
+    assert re.search(r"run \d+\.\d\ds\.", err), "the lifecycle line says how long the task ran"

@@ -126,13 +126,15 @@ class SandboxTask:
                 on_stderr=self.logs.sink("stderr"),
             )
         except CommandTimeout as e:
-            raise SandboxError(
-                f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
-                "Use @timeout on the step (it fires first, and @catch can handle it) or raise "
+            # Retrying would run into the same limit: raising the limit is the fix.
+            raise ConfigurationError(
+                f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed.",
+                remedy="Use @timeout on the step (it fires first, and @retry and @catch handle it) or raise "
                 "@sandbox(timeout=...).",
                 sandbox_id=sbx.id,
             ) from e
-        self._timed("task", start)
+        finally:
+            self._timed("task", start)
         for (_, before), (name, after) in zip(self.logs.marks, self.logs.marks[1:], strict=False):
             self.timings[f"task.{name}"] = (after - before) / 1e9
         if self.logs.setup_error:
@@ -260,5 +262,8 @@ def _execute(task: SandboxTask, tmp: str) -> int:
         say(f"Refused the outputs of sandbox {sbx.id}: {e} Nothing of this attempt was saved; it is not retried.")
         return EXIT_DISALLOW_RETRY
     except (SandboxError, staging.StagingError) as e:
-        say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
+        if exit_code_for(e) == EXIT_DISALLOW_RETRY:
+            say(f"Sandbox {sbx.id}: {e} Retrying cannot help: this attempt is not retried.")
+        else:
+            say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
         return exit_code_for(e)
