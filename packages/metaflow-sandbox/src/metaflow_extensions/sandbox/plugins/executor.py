@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 import warnings
 
@@ -34,7 +33,7 @@ from . import direct, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
-from .request import TaskRequest
+from .request import TaskRequest, scratch_dir
 from .task_script import SECRETS_FILE, TIMINGS_ENV, script, write_secrets
 
 EXIT_INFRA_RETRYABLE = 1
@@ -227,7 +226,7 @@ def execute(req: TaskRequest) -> int:
     age = process_age_s()
     if age is not None:
         task.timings["launcher_start"] = age
-    with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
+    with scratch_dir() as tmp:
         try:
             return _execute(task, tmp)
         finally:
