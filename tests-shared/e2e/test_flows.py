@@ -190,9 +190,9 @@ def _bad(flow_args: list[str], env: dict[str, str], message: str, case: str) -> 
     of it, else ``linear_flow.py ... run``), the environment, what the message must say."""
     if flow_args and flow_args[0].startswith("misconfigured:"):
         env = {**env, "SBX_MISCONFIG": flow_args[0].split(":", 1)[1]}
-        return pytest.param("misconfigured_flow.py", ["run"], env, message, id=case)
+        return pytest.param(["misconfigured_flow.py", "run"], env, message, id=case)
     command = [] if flow_args[-1:] == ["create"] else ["run"]
-    return pytest.param("linear_flow.py", [*flow_args, *command], env, message, id=case)
+    return pytest.param(["linear_flow.py", *flow_args, *command], env, message, id=case)
 
 
 def _bad_input() -> list[object]:
@@ -272,14 +272,22 @@ def _bad_input() -> list[object]:
     return cases
 
 
-@pytest.mark.parametrize(("flow", "args", "env", "message"), _bad_input())
-def test_bad_input_is_refused_before_any_sandbox_exists(flowdir, flow, args, env, message):
-    proc = flowdir.run(flow, *args, ok=False, env=env)
+@pytest.mark.parametrize(("flow_args", "env", "message"), _bad_input())
+def test_bad_input_is_refused_before_any_sandbox_exists(flowdir, flow_args, env, message, request):
+    # A user of its own: on a provider, the sandboxes of this run alone are listed (other tests
+    # run the same flows on the same emulator meanwhile).
+    user = {"USERNAME": f"bad-input-{request.node.callspec.id}"}
+    flow, *args = flow_args
+    proc = flowdir.run(flow, *args, ok=False, env={**user, **env})
     out = proc.stdout + proc.stderr
     assert "Sandbox error" in out and message in out, out
     assert "Workflow starting" not in out and "INJECTED" not in out.replace("echo INJECTED", "")
     assert "sekrit" not in out and "Traceback" not in out
-    assert flowdir.live_sandboxes(flow) == []
+    if flowdir.backend == "local":
+        assert flowdir.live_sandboxes(flow) == []
+    else:
+        listed = flowdir.run(flow, "sandbox", "list", "--my-runs", env=user)
+        assert [line for line in (listed.stdout + listed.stderr).splitlines() if line.startswith(flowdir.backend)] == []
 
 
 def test_a_local_backend_warning_is_said_once_per_run(flowdir, backend_name, tmp_path):

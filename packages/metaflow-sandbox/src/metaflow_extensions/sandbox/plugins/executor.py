@@ -57,7 +57,7 @@ class SandboxTask:
         self.req = req
         self.logs = TaskLogs(req.flow_dir)
         self.sandbox: Sandbox | None = None
-        self.isolation = req.backend
+        self.isolation = "provider-isolated"  # a provider's sandbox is its own boundary
         self.creating: Background | None = None
         self.timings: dict[str, float] = {}
 
@@ -69,8 +69,7 @@ class SandboxTask:
         req = self.req
         start = time.monotonic()
         backend = get_backend(req.backend, **dict(req.backend_options))
-        # The local backend says how it isolates (bubblewrap or plain processes); a provider's
-        # sandbox is its own isolation.
+        # The local backend says how it isolates (bubblewrap or plain processes).
         isolation = getattr(backend, "isolation", None)
         if isinstance(isolation, str):
             self.isolation = ISOLATION_NAMES.get(isolation, isolation)
