@@ -13,6 +13,7 @@ every sandbox runs on the local backend whatever its image says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -143,7 +144,8 @@ class ControlPlane(api_grpc.ModalClientBase):
     async def SandboxGetTaskId(self, stream: Stream) -> None:
         req = await stream.recv_message()
         sbx = self.sandbox(req.sandbox_id)
-        answer = api_pb2.SandboxGetTaskIdResponse(task_id=sbx.task_id)
+        # A finished sandbox has no task any more: only its result (the SDK then raises ConflictError).
+        answer = api_pb2.SandboxGetTaskIdResponse(task_id=sbx.task_id if sbx.running else "")
         if not sbx.running:
             answer.task_result.CopyFrom(sbx.result)
         await stream.send_message(answer)
@@ -176,10 +178,8 @@ class ControlPlane(api_grpc.ModalClientBase):
         sbx = self.sandbox(req.sandbox_id)
         if req.timeout > 0 and sbx.running:
             # A long poll: answer when the sandbox ends or the client's timeout passes.
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sbx.ended.wait(), timeout=req.timeout)
-            except asyncio.TimeoutError:
-                pass
         answer = api_pb2.SandboxWaitResponse(metadata=api_pb2.SandboxHandleMetadata(app_id=sbx.app_id))
         if not sbx.running:
             answer.result.CopyFrom(sbx.result)

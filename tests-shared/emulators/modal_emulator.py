@@ -109,7 +109,8 @@ class Mux:
             writer.close()
             return
         if head == H2_PREFACE:
-            await self.pipe(head, reader, writer)
+            with contextlib.suppress(asyncio.CancelledError):  # the emulator is stopping
+                await self.pipe(head, reader, writer)
         else:
             with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
                 await self.hook(head, reader, writer)

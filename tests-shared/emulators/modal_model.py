@@ -117,19 +117,19 @@ class Exec:
 
 
 class LineJoiner:
-    """Turns the public ``Sandbox.run`` line callbacks back into the exact byte stream.
+    """Turns the public ``Sandbox.run`` line callbacks back into the exact byte stream, each line
+    as soon as it is complete.
 
-    The command runs with one newline appended to each stream (see ``run_exec``), so every line
-    the callback sees was terminated; writing the newline *before* each line but the first gives
-    the original bytes, each line's text as soon as it is complete.
+    The command prints ``marker`` (unique per exec) to each stream when it ends (see ``run_exec``):
+    the line carrying it is the stream's last, whose text had no newline of its own.
     """
 
-    def __init__(self, exe: Exec, fd: int):
-        self.exe, self.fd, self.first = exe, fd, True
+    def __init__(self, exe: Exec, fd: int, marker: str):
+        self.exe, self.fd, self.marker = exe, fd, marker
 
     def __call__(self, line: str) -> None:
-        self.exe.feed(self.fd, (("" if self.first else "\n") + line).encode())
-        self.first = False
+        last = line.endswith(self.marker)
+        self.exe.feed(self.fd, (line[: -len(self.marker)] if last else line + "\n").encode())
 
 
 def jwt(**claims: Any) -> str:
@@ -269,11 +269,15 @@ class Emulator:
 
 def run_exec(sbx: EmulatedSandbox, exe: Exec, command: str, env: dict[str, str], timeout: float | None) -> None:
     """Run one exec in the local sandbox (in a thread) through the public ``Sandbox.run``."""
-    # One newline appended to each stream, taken off again by ``LineJoiner`` (exact bytes back).
-    wrapped = f"{command}\ncode=$?; echo; echo >&2; exit $code"
+    marker = f"\x01end-of-{exe.id}"
+    wrapped = f"{command}\ncode=$?; printf %s {marker}; printf %s {marker} >&2; exit $code"
     try:
         res = sbx.local.run(
-            wrapped, env=env, timeout_s=timeout, on_stdout=LineJoiner(exe, STDOUT), on_stderr=LineJoiner(exe, STDERR)
+            wrapped,
+            env=env,
+            timeout_s=timeout,
+            on_stdout=LineJoiner(exe, STDOUT, marker),
+            on_stderr=LineJoiner(exe, STDERR, marker),
         )
     except CommandTimeout:
         exe.finish(signal=KILLED)
