@@ -9,11 +9,19 @@ against; the backend's own conformance suite comes with the backend.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from sandbox_testing.modal import emulator_state, modal_emulator, set_faults, start_emulator, use_emulator
+from sandbox_testing.modal import (
+    emulated_sandboxes,
+    emulator_state,
+    modal_emulator,
+    set_faults,
+    start_emulator,
+    use_emulator,
+)
 
 modal = pytest.importorskip("modal", reason="the modal SDK is installed by the modal_emulator nox session")
 
@@ -138,6 +146,18 @@ def test_an_idle_sandbox_ends_at_its_idle_timeout(app):
     assert sb.poll() is not None
 
 
+def test_a_command_longer_than_the_idle_timeout_keeps_the_sandbox(app):
+    # Idle time counts from the end of the last command, not from its start: a second after the
+    # first command ends, well within the idle timeout, the sandbox still runs the next one.
+    sb = modal.Sandbox.create(app=app, idle_timeout=3, timeout=600)
+    try:
+        assert sb.exec("sleep", "4").wait() == 0
+        time.sleep(1)
+        assert sb.exec("bash", "-c", "sleep 0.5; echo alive").stdout.read() == "alive\n"
+    finally:
+        sb.terminate()
+
+
 def test_block_network_leaves_only_loopback(app, version):
     sb = modal.Sandbox.create(app=app, block_network=True)
     try:
@@ -152,6 +172,30 @@ def test_a_registry_image_is_accepted_and_a_missing_one_fails(app):
     sb.terminate()
     with pytest.raises(modal.exception.RemoteError, match="missing"):
         modal.Sandbox.create(app=app, image=modal.Image.from_registry("example.com/missing:1"))
+
+
+@pytest.mark.parametrize("gpu", [None, "A100"])  # a GPU sandbox goes through V1 whatever the setting
+def test_what_reached_the_wire_can_be_read_back(app, use_emulator, gpu):
+    image = modal.Image.from_registry("python:3.12-slim")
+    sb = modal.Sandbox.create(
+        app=app,
+        image=image,
+        cpu=1.5,
+        memory=1536,
+        gpu=gpu,
+        timeout=1234,
+        idle_timeout=99,
+        block_network=True,
+        tags={"flow": "F"},
+        env={"E": "1"},
+    )
+    sb.terminate()
+    (seen,) = [s for s in emulated_sandboxes(use_emulator) if s["id"] == sb.object_id]
+    assert "python:3.12-slim" in seen["image"] and seen["v2"] is (gpu is None)
+    assert (seen["cpu"], seen["memory_mb"], seen["timeout_s"], seen["idle_timeout_s"]) == (1.5, 1536, 1234, 99)
+    assert (seen["gpu"] or "").startswith("A100" if gpu else "")
+    assert seen["block_network"] and seen["tags"] == {"flow": "F"} and seen["env"] == {"E": "1"}
+    assert not seen["running"]
 
 
 def test_a_wrong_token_is_refused(use_emulator):

@@ -21,13 +21,14 @@ reads and writes, tags, list by tags, wait, terminate, ``timeout`` / ``idle_time
 UNIMPLEMENTED and is logged to stderr, so a client reaching for more shows up at once.
 
 Test hooks, over HTTP/1.1 on the same port (told apart from HTTP/2 by the connection preface):
-``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; faults from flags or
-``POST /_emulator/faults`` (a JSON object with the keys of ``ModalFaults``): latency on every
-call; a fraction of control-plane calls refused RESOURCE_EXHAUSTED (``rate_429``) or UNAVAILABLE
-(``rate_503``); the next N calls of one RPC failing with a chosen status (``fail_next``,
-``fail_rpc``, ``fail_status``); the next N matching execs' output streams cut after their first
-chunk (``cut_next``) or stalled (``stall_next``), or their sandbox dying (``die_next``); and
-``create_latency_ms`` added to every ``SandboxCreate``.
+``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; ``GET /_emulator/sandboxes`` →
+what reached the wire for each sandbox (image, tags, env, timeouts, cpu, memory, gpu, network);
+faults from flags or ``POST /_emulator/faults`` (a JSON object with the keys of ``ModalFaults``):
+latency on every call; a fraction of control-plane calls refused RESOURCE_EXHAUSTED
+(``rate_429``) or UNAVAILABLE (``rate_503``); the next N calls of one RPC failing with a chosen
+status (``fail_next``, ``fail_rpc``, ``fail_status``); the next N matching execs' output streams
+cut after their first chunk (``cut_next``) or stalled (``stall_next``), or their sandbox dying
+(``die_next``); and ``create_latency_ms`` added to every ``SandboxCreate``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Mux:
         status, answer = 200, None
         if method == "GET" and path == "/_emulator/state":
             answer = self.emu.state()
+        elif method == "GET" and path == "/_emulator/sandboxes":
+            answer = self.emu.described()
         elif method == "POST" and path == "/_emulator/faults":
             problem = self.emu.faults.update(json.loads(body or b"{}"))
             status, answer = (400, {"error": problem}) if problem else (200, self.emu.faults.as_dict())

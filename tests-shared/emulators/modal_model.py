@@ -167,6 +167,26 @@ class EmulatedSandbox:
     def running(self) -> bool:
         return self.result is None
 
+    def describe(self, image: str) -> dict[str, Any]:
+        d = self.definition
+        gpu = d.resources.gpu_config
+        return {
+            "id": self.id,
+            "running": self.running,
+            "v2": self.v2,
+            "app_id": self.app_id,
+            "image": image,
+            "tags": dict(self.tags),
+            "env": dict(self.env),
+            "timeout_s": d.timeout_secs,
+            "idle_timeout_s": d.idle_timeout_secs,
+            "cpu": d.resources.milli_cpu / 1000,
+            "memory_mb": d.resources.memory_mb,
+            "gpu": f"{gpu.gpu_type}:{gpu.count}" if gpu.gpu_type else None,
+            "block_network": network_blocked(d),
+            "workdir": d.workdir,
+        }
+
     def busy(self) -> bool:
         return any(not e.finished for e in self.execs.values())
 
@@ -190,6 +210,10 @@ class Emulator:
     def state(self) -> dict[str, int]:
         live = sum(1 for s in self.sandboxes.values() if s.running)
         return {"live": live, "created": self.created, "destroyed": self.destroyed}
+
+    def described(self) -> list[dict[str, Any]]:
+        """What reached the wire for each sandbox, for tests of a client's mapping."""
+        return [s.describe(self.images.get(s.definition.image_id, "")) for s in self.sandboxes.values()]
 
     def by_task(self, task_id: str) -> EmulatedSandbox | None:
         return next((s for s in self.sandboxes.values() if s.task_id == task_id), None)
@@ -239,6 +263,8 @@ class Emulator:
             await asyncio.sleep(0.2)
             now = time.time()
             for sbx in [s for s in self.sandboxes.values() if s.running]:
+                if sbx.busy():
+                    sbx.last_active = now  # a running command is activity, however quiet
                 if now >= sbx.deadline:
                     await self.finish(sbx, "GENERIC_STATUS_TIMEOUT", "Sandbox timed out")
                 elif sbx.idle_timeout and not sbx.busy() and now - sbx.last_active >= sbx.idle_timeout:

@@ -10,6 +10,8 @@ them with ``monkeypatch`` (``use_emulator``) before its first ``modal`` call.
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +31,13 @@ NO_FAULTS: dict[str, Any] = {
 def emulator_env(url: str) -> dict[str, str]:
     """Environment variables that point the ``modal`` SDK at the emulator."""
     return {"MODAL_SERVER_URL": url, "MODAL_TOKEN_ID": EMULATOR_TOKEN_ID, "MODAL_TOKEN_SECRET": EMULATOR_TOKEN_SECRET}
+
+
+def emulated_sandboxes(url: str) -> list[dict[str, Any]]:
+    """``GET /_emulator/sandboxes``: what reached the wire for each sandbox (image, tags, env,
+    timeouts, cpu, memory, gpu, network), finished ones included."""
+    with urllib.request.urlopen(f"{url}/_emulator/sandboxes", timeout=10) as answer:
+        return list(json.load(answer))
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +63,7 @@ __all__ = [
     "EMULATOR_TOKEN_ID",
     "EMULATOR_TOKEN_SECRET",
     "NO_FAULTS",
+    "emulated_sandboxes",
     "emulator_env",
     "emulator_state",
     "modal_emulator",
