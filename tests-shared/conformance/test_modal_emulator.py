@@ -214,6 +214,17 @@ def test_unavailable_answers_are_retried_by_the_sdk(app, use_emulator):
     assert set_faults(use_emulator)["refused"] == 2
 
 
+def test_rate_limits_and_unavailable_answers_are_retried(app, use_emulator, tmp_path):
+    # A fifth of control-plane calls refused, spread evenly, so that retries always get through.
+    set_faults(use_emulator, rate_429=0.1, rate_503=0.1)
+    for _ in range(3):
+        sb = modal.Sandbox.create(app=app, tags={"faulty": "1"})
+        assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+        sb.terminate()
+    assert list(modal.Sandbox.list(app_id=app.app_id, tags={"faulty": "1"})) == []
+    assert set_faults(use_emulator, rate_429=0, rate_503=0)["refused"] >= 2
+
+
 def test_resource_exhausted_reaches_the_caller(app, use_emulator):
     set_faults(use_emulator, fail_next=1, fail_rpc="SandboxCreateV2", fail_status="RESOURCE_EXHAUSTED")
     with pytest.raises(modal.exception.ResourceExhaustedError):

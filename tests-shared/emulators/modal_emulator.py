@@ -24,11 +24,12 @@ Test hooks, over HTTP/1.1 on the same port (told apart from HTTP/2 by the connec
 ``GET /_emulator/state`` → ``{"live", "created", "destroyed"}``; ``GET /_emulator/sandboxes`` →
 what reached the wire for each sandbox (image, tags, env, timeouts, cpu, memory, gpu, network);
 faults from flags or ``POST /_emulator/faults`` (a JSON object with the keys of ``ModalFaults``):
-latency on every call; a fraction of control-plane calls refused RESOURCE_EXHAUSTED
-(``rate_429``) or UNAVAILABLE (``rate_503``); the next N calls of one RPC failing with a chosen
-status (``fail_next``, ``fail_rpc``, ``fail_status``); the next N matching execs' output streams
-cut after their first chunk (``cut_next``) or stalled (``stall_next``), or their sandbox dying
-(``die_next``); and ``create_latency_ms`` added to every ``SandboxCreate``.
+latency on every call; a fraction of control-plane calls refused RESOURCE_EXHAUSTED with a
+retry-after (``rate_429``, Modal's rate limiting) or UNAVAILABLE (``rate_503``); the next N calls
+of one RPC failing with a chosen status (``fail_next``, ``fail_rpc``, ``fail_status``); the next N
+matching execs' output streams cut after their first chunk (``cut_next``) or stalled
+(``stall_next``), or their sandbox dying (``die_next``); and ``create_latency_ms`` added to every
+``SandboxCreate``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpclib.events
 from grpclib import GRPCError, Status
+from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.server import Server
 from modal_control import ControlPlane
 from modal_model import Emulator, ModalFaults
@@ -71,8 +73,26 @@ def serving_all_rpcs(cls: type, base: type) -> type:
     return type(cls.__name__, (cls,), missing)
 
 
+class StatusDetails(StatusDetailsCodecBase):
+    """Error details as Modal's servers send them: an ``RPCStatus`` with packed messages (the SDK
+    reads an ``RPCRetryPolicy`` there to wait and retry a RESOURCE_EXHAUSTED call)."""
+
+    def encode(self, status: Status, message: str | None, details: Any) -> bytes:
+        from modal_proto import api_pb2
+
+        answer = api_pb2.RPCStatus(code=status.value, message=message or "")
+        for detail in details or []:
+            answer.details.add().Pack(detail, type_url_prefix="type.modal.com/")
+        return bytes(answer.SerializeToString())
+
+    def decode(self, status: Status, message: str | None, data: bytes) -> Any:
+        raise NotImplementedError("the emulator only sends error details")
+
+
 def guard(emu: Emulator) -> Any:
     """Every call: authentication, then the injected faults, before any handler runs."""
+
+    from modal_proto import api_pb2
 
     async def on_request(event: grpclib.events.RecvRequest) -> None:
         rpc = event.method_name.rsplit("/", 1)[-1]
@@ -90,7 +110,9 @@ def guard(emu: Emulator) -> Any:
         if control:
             refusal = faults.refusal()
             if refusal == 429:
-                raise GRPCError(Status.RESOURCE_EXHAUSTED, "Too many requests (emulated)")
+                # Rate limiting: Modal says when to come back, and the SDK waits that long.
+                retry = api_pb2.RPCRetryPolicy(retry_after_secs=0.05)
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, "Too many requests (emulated)", [retry])
             if refusal == 503:
                 raise GRPCError(Status.UNAVAILABLE, "Service busy (emulated)")
 
@@ -163,7 +185,7 @@ async def serve(args: argparse.Namespace) -> None:
     emu = Emulator(args)
     control = serving_all_rpcs(ControlPlane, api_grpc.ModalClientBase)(emu)
     router = serving_all_rpcs(CommandRouter, task_command_router_grpc.TaskCommandRouterBase)(emu)
-    server = Server([control, router])
+    server = Server([control, router], status_details_codec=StatusDetails())
     grpclib.events.listen(server, grpclib.events.RecvRequest, guard(emu))
     grpc_socket = emu.root / "grpc.sock"
     await server.start(path=str(grpc_socket))
