@@ -28,7 +28,18 @@ modal = pytest.importorskip("modal", reason="the modal SDK is installed by the m
 __all__ = ["modal_emulator", "use_emulator"]  # fixtures, imported so pytest finds them
 
 
-@pytest.fixture(params=["v2", "v1"])
+def _has_v2() -> bool:
+    try:
+        return bool(modal.config.config.get("sandbox_v2"))
+    except KeyError:  # SDKs before 1.6 create every sandbox through V1
+        return False
+
+
+HAS_V2 = _has_v2()
+CREATE_RPC = "SandboxCreateV2" if HAS_V2 else "SandboxCreate"  # what Sandbox.create calls by default
+
+
+@pytest.fixture(params=["v2", "v1"] if HAS_V2 else ["v1"])
 def version(request: pytest.FixtureRequest, use_emulator: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both sandbox paths of the SDK: V2 (``SandboxCreateV2``, the 1.6 default) and V1 (older SDKs,
     GPU sandboxes), chosen by the SDK's own ``MODAL_SANDBOX_V2`` setting."""
@@ -191,7 +202,7 @@ def test_what_reached_the_wire_can_be_read_back(app, use_emulator, gpu):
     )
     sb.terminate()
     (seen,) = [s for s in emulated_sandboxes(use_emulator) if s["id"] == sb.object_id]
-    assert "python:3.12-slim" in seen["image"] and seen["v2"] is (gpu is None)
+    assert "python:3.12-slim" in seen["image"] and seen["v2"] is (gpu is None and HAS_V2)
     assert (seen["cpu"], seen["memory_mb"], seen["timeout_s"], seen["idle_timeout_s"]) == (1.5, 1536, 1234, 99)
     assert (seen["gpu"] or "").startswith("A100" if gpu else "")
     assert seen["block_network"] and seen["tags"] == {"flow": "F"} and seen["env"] == {"E": "1"}
@@ -208,7 +219,7 @@ def test_a_wrong_token_is_refused(use_emulator):
 
 
 def test_unavailable_answers_are_retried_by_the_sdk(app, use_emulator):
-    set_faults(use_emulator, fail_next=2, fail_rpc="SandboxCreateV2", fail_status="UNAVAILABLE")
+    set_faults(use_emulator, fail_next=2, fail_rpc=CREATE_RPC, fail_status="UNAVAILABLE")
     sb = modal.Sandbox.create(app=app)
     sb.terminate()
     assert set_faults(use_emulator)["refused"] == 2
@@ -226,7 +237,7 @@ def test_rate_limits_and_unavailable_answers_are_retried(app, use_emulator, tmp_
 
 
 def test_resource_exhausted_reaches_the_caller(app, use_emulator):
-    set_faults(use_emulator, fail_next=1, fail_rpc="SandboxCreateV2", fail_status="RESOURCE_EXHAUSTED")
+    set_faults(use_emulator, fail_next=1, fail_rpc=CREATE_RPC, fail_status="RESOURCE_EXHAUSTED")
     with pytest.raises(modal.exception.ResourceExhaustedError):
         modal.Sandbox.create(app=app)
     assert set_faults(use_emulator)["fail_next"] == 0
@@ -251,22 +262,10 @@ def test_a_dying_sandbox_ends_its_commands(app, use_emulator):
 
 
 def test_faults_and_settings_from_command_line_flags(tmp_path, monkeypatch):
-    flags = [
-        "--token-id",
-        "ak-other",
-        "--token-secret",
-        "as-other",
-        "--fail-next",
-        "1",
-        "--fail-rpc",
-        "SandboxCreateV2",
-    ]
+    flags = ["--token-id", "ak-other", "--token-secret", "as-other", "--fail-next", "1", "--fail-rpc", CREATE_RPC]
     with start_emulator("modal", *flags) as url:
-        for name, value in {
-            "MODAL_SERVER_URL": url,
-            "MODAL_TOKEN_ID": "ak-other",
-            "MODAL_TOKEN_SECRET": "as-other",
-        }.items():
+        env = {"MODAL_SERVER_URL": url, "MODAL_TOKEN_ID": "ak-other", "MODAL_TOKEN_SECRET": "as-other"}
+        for name, value in env.items():
             monkeypatch.setenv(name, value)
         client = modal.Client.from_credentials("ak-other", "as-other")
         app = modal.App.lookup("flags", create_if_missing=True, client=client)

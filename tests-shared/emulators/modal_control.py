@@ -28,6 +28,17 @@ SUCCESS = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCC
 IMAGE_BUILDER_VERSION = "2025.06"
 
 
+def known(message: type, **fields: Any) -> Any:
+    """``message(**fields)`` without the fields the installed SDK's protos do not have yet (the
+    emulator speaks the protos of the SDK it is tested with)."""
+    names = message.DESCRIPTOR.fields_by_name  # type: ignore[attr-defined]
+    return message(**{k: v for k, v in fields.items() if k in names})
+
+
+def handle_metadata(app_id: str) -> Any:
+    return known(api_pb2.SandboxHandleMetadata, app_id=app_id)
+
+
 def tags_of(sbx: EmulatedSandbox) -> list[api_pb2.SandboxTag]:
     return [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sbx.tags.items()]
 
@@ -108,21 +119,22 @@ class ControlPlane(api_grpc.ModalClientBase):
         req = await stream.recv_message()
         env = self.env_of(req.definition.secret_ids, [])
         sbx = await self.create(req, env, v2=False)
-        metadata = api_pb2.SandboxHandleMetadata(app_id=req.app_id)
-        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=sbx.id, metadata=metadata))
+        answer = known(api_pb2.SandboxCreateResponse, sandbox_id=sbx.id, metadata=handle_metadata(req.app_id))
+        await stream.send_message(answer)
 
     async def SandboxCreateV2(self, stream: Stream) -> None:
         """V2 (the 1.6 default): the env inline, the task and the command router known at once."""
         req = await stream.recv_message()
-        env = self.env_of(req.definition.secret_ids, req.secret_sources)
-        env.update(req.ephemeral_secrets.contents)
+        env = self.env_of(req.definition.secret_ids, getattr(req, "secret_sources", ()))
+        if "ephemeral_secrets" in req.DESCRIPTOR.fields_by_name:
+            env.update(req.ephemeral_secrets.contents)
         sbx = await self.create(req, env, v2=True)
         access = api_pb2.CommandRouterAccess(url=self.emu.base, jwt=self.emu.router_token(sbx.task_id))
         answer = api_pb2.SandboxCreateV2Response(
             sandbox_id=sbx.id,
             task_id=sbx.task_id,
             command_router_access=access,
-            metadata=api_pb2.SandboxHandleMetadata(app_id=req.app_id),
+            metadata=handle_metadata(req.app_id),
         )
         await stream.send_message(answer)
 
@@ -138,7 +150,8 @@ class ControlPlane(api_grpc.ModalClientBase):
     async def create(self, req: Any, env: dict[str, str], *, v2: bool) -> EmulatedSandbox:
         if self.emu.faults.create_latency_ms:
             await asyncio.sleep(self.emu.faults.create_latency_ms / 1000)
-        env.update(req.definition.environment_variables.contents)
+        if "environment_variables" in req.definition.DESCRIPTOR.fields_by_name:
+            env.update(req.definition.environment_variables.contents)
         return await self.emu.create(req, env, v2=v2)
 
     async def SandboxGetTaskId(self, stream: Stream) -> None:
@@ -180,10 +193,12 @@ class ControlPlane(api_grpc.ModalClientBase):
             # A long poll: answer when the sandbox ends or the client's timeout passes.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sbx.ended.wait(), timeout=req.timeout)
-        answer = api_pb2.SandboxWaitResponse(metadata=api_pb2.SandboxHandleMetadata(app_id=sbx.app_id))
+        metadata = handle_metadata(sbx.app_id)
+        if not sbx.running and "result" in metadata.DESCRIPTOR.fields_by_name:
+            metadata.result.CopyFrom(sbx.result)
+        answer = known(api_pb2.SandboxWaitResponse, metadata=metadata)
         if not sbx.running:
             answer.result.CopyFrom(sbx.result)
-            answer.metadata.result.CopyFrom(sbx.result)
         await stream.send_message(answer)
 
     async def SandboxTerminate(self, stream: Stream) -> None:
@@ -221,7 +236,8 @@ class ControlPlane(api_grpc.ModalClientBase):
         ]
         found.sort(key=lambda s: s.created_at, reverse=True)
         infos = [
-            api_pb2.SandboxInfo(
+            known(
+                api_pb2.SandboxInfo,
                 id=s.id,
                 app_id=s.app_id,
                 created_at=s.created_at,

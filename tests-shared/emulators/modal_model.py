@@ -63,9 +63,11 @@ def network_blocked(definition: Any) -> bool:
     are not emulated: they leave the network open)."""
     from modal_proto import api_pb2
 
-    return bool(definition.block_network) or (
-        definition.network_access.network_access_type == api_pb2.NetworkAccess.NetworkAccessType.BLOCKED
-    )
+    if definition.block_network:
+        return True
+    if "network_access" not in definition.DESCRIPTOR.fields_by_name:
+        return False
+    return bool(definition.network_access.network_access_type == api_pb2.NetworkAccess.NetworkAccessType.BLOCKED)
 
 
 class Exec:

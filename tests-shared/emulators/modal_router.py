@@ -59,7 +59,9 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
             raise GRPCError(Status.NOT_FOUND, f"Task {req.task_id} has finished")
         if req.exec_id not in sbx.execs:  # the exec id is the idempotency key of retried starts
             env = dict(req.env)
-            for source in req.secret_sources:
+            for secret_id in req.secret_ids:
+                env.update(self.emu.secrets.get(secret_id, {}))
+            for source in getattr(req, "secret_sources", ()):  # SDK 1.6
                 env.update(self.emu.secrets.get(source.secret_id, {}))
                 env.update(source.env.contents)
             argv = list(req.command_args)
