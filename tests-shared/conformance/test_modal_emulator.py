@@ -250,6 +250,16 @@ def test_cut_output_streams_lose_and_repeat_nothing(sandbox, use_emulator):
     assert proc.stdout.read() == "".join(f"line{i}\n" for i in range(1, 41))
     assert proc.stderr.read() == "".join(f"err{i}\n" for i in range(1, 41))
     assert proc.wait() == 0
+    assert set_faults(use_emulator)["cut_next"] == 19  # one exec's stream was cut
+
+
+def test_create_latency_delays_every_creation(app, use_emulator):
+    set_faults(use_emulator, create_latency_ms=300)
+    started = time.monotonic()
+    sb = modal.Sandbox.create(app=app)
+    # A lower bound only: the emulator sleeps that long before answering, however fast the machine.
+    assert time.monotonic() - started >= 0.3
+    sb.terminate()
 
 
 def test_a_dying_sandbox_ends_its_commands(app, use_emulator):

@@ -27,9 +27,9 @@ faults from flags or ``POST /_emulator/faults`` (a JSON object with the keys of 
 latency on every call; a fraction of control-plane calls refused RESOURCE_EXHAUSTED with a
 retry-after (``rate_429``, Modal's rate limiting) or UNAVAILABLE (``rate_503``); the next N calls
 of one RPC failing with a chosen status (``fail_next``, ``fail_rpc``, ``fail_status``); the next N
-matching execs' output streams cut after their first chunk (``cut_next``) or stalled
-(``stall_next``), or their sandbox dying (``die_next``); and ``create_latency_ms`` added to every
-``SandboxCreate``.
+matching execs' output streams cut after their first chunk (``cut_next``) or their sandbox dying
+(``die_next``); and ``create_latency_ms`` added to every ``SandboxCreate``. ``stall_next`` is
+accepted and ignored (the SDK has no way to notice a silent stream).
 """
 
 from __future__ import annotations

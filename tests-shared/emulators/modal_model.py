@@ -81,7 +81,7 @@ class Exec:
         self.code: int | None = None
         self.signal: int | None = None
         self.finished = False
-        self.cut = self.stall = False  # faults for its output streams
+        self.cut = False  # the next stream of its output is cut (a fault)
         self._waiters: set[asyncio.Future[None]] = set()
 
     @property
@@ -285,7 +285,6 @@ class Emulator:
                 lambda: asyncio.ensure_future(self.finish(sbx, "GENERIC_STATUS_INTERNAL_FAILURE", "worker died")),
             )
         exe.cut = faults.take("cut", exe.command)
-        exe.stall = faults.take("stall", exe.command)
         command = exe.command
         if workdir:
             command = f"cd {shlex.quote(workdir)} && {command}"

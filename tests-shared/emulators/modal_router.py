@@ -15,7 +15,6 @@ and answers the other commands as unsupported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -80,9 +79,6 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
         exe = self.exec_of(stream, req.task_id, req.exec_id)
         buffer = exe.output[STDERR if req.file_descriptor == STDERR else STDOUT]
         sent = req.offset
-        if exe.stall:
-            exe.stall = False
-            await asyncio.Event().wait()  # open and silent until the client gives up
         while True:
             if sent < len(buffer):
                 chunk = bytes(buffer[sent : sent + (1 << 20)])
@@ -187,5 +183,4 @@ async def fs_tool(sbx: EmulatedSandbox, exe: Exec) -> None:
             return fs_error(exe, "NotFound", "No such file or directory")
         except SandboxError as e:
             return fs_error(exe, "Other", str(e))
-    with contextlib.suppress(RuntimeError):  # the loop is closing
-        exe.finish(code=0)
+    exe.finish(code=0)

@@ -24,7 +24,7 @@ EMULATOR_TOKEN_ID, EMULATOR_TOKEN_SECRET = "ak-emulator", "as-emulator"
 NO_FAULTS: dict[str, Any] = {
     **{"latency_ms": 0, "rate_429": 0, "rate_503": 0, "create_latency_ms": 0},
     **{"fail_next": 0, "fail_rpc": "", "fail_status": "UNAVAILABLE"},
-    **{"die_next": 0, "cut_next": 0, "stall_next": 0, "match": ""},
+    **{"die_next": 0, "cut_next": 0, "match": ""},
 }
 
 
