@@ -273,6 +273,7 @@ def test_a_dying_sandbox_ends_its_commands(app, use_emulator):
 
 def test_faults_and_settings_from_command_line_flags(tmp_path, monkeypatch):
     flags = ["--token-id", "ak-other", "--token-secret", "as-other", "--fail-next", "1", "--fail-rpc", CREATE_RPC]
+    flags += ["--max-lifetime", "2"]
     with start_emulator("modal", *flags) as url:
         env = {"MODAL_SERVER_URL": url, "MODAL_TOKEN_ID": "ak-other", "MODAL_TOKEN_SECRET": "as-other"}
         for name, value in env.items():
@@ -282,3 +283,6 @@ def test_faults_and_settings_from_command_line_flags(tmp_path, monkeypatch):
         modal.Sandbox.create(app=app, client=client).terminate()
         assert emulator_state(url) == {"live": 0, "created": 1, "destroyed": 1}
         assert set_faults(url)["refused"] == 1
+        capped = modal.Sandbox.create(app=app, client=client, timeout=600)
+        with pytest.raises(modal.exception.SandboxTimeoutError):
+            capped.wait()  # ended by --max-lifetime, not by its own timeout
