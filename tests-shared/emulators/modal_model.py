@@ -297,7 +297,8 @@ class Emulator:
 def run_exec(sbx: EmulatedSandbox, exe: Exec, command: str, env: dict[str, str], timeout: float | None) -> None:
     """Run one exec in the local sandbox (in a thread) through the public ``Sandbox.run``."""
     marker = f"\x01end-of-{exe.id}"
-    wrapped = f"{command}\ncode=$?; printf %s {marker}; printf %s {marker} >&2; exit $code"
+    quoted = shlex.quote(marker)
+    wrapped = f"{command}\ncode=$?; printf %s {quoted}; printf %s {quoted} >&2; exit $code"
     try:
         res = sbx.local.run(
             wrapped,

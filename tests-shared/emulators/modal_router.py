@@ -173,8 +173,10 @@ async def fs_tool(sbx: EmulatedSandbox, exe: Exec) -> None:
                 await asyncio.to_thread(sbx.local.download, args["path"], local)
                 exe.feed(STDOUT, local.read_bytes())
             elif op == "WriteFile":
-                while not exe.stdin_closed:
+                while not (exe.stdin_closed or exe.finished):
                     await exe.changed()
+                if exe.finished:  # the sandbox ended before the client finished writing
+                    return None
                 local.write_bytes(bytes(exe.stdin))
                 await asyncio.to_thread(sbx.local.upload, local, args["path"])
             else:
