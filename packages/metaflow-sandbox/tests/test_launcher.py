@@ -1,5 +1,5 @@
 """The launcher process: it loads no Metaflow, reads (and removes) its request, runs the task and
-saves its logs in the local datastore as Metaflow reads them.
+saves its logs in the local datastore as Metaflow reads them; it ends with its runtime; kill marks.
 
 Layer: tests of metaflow-sandbox. Imports: pytest, the standard library, metaflow (to check the
 log format with its own parser), plugins.
@@ -8,14 +8,16 @@ log format with its own parser), plugins.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from metaflow.mflog import mflog
 
-from metaflow_extensions.sandbox.plugins import logs, request, staging
+from metaflow_extensions.sandbox.plugins import kills, logs, request, staging
 
 
 def test_the_launcher_does_not_import_metaflow():
@@ -35,8 +37,8 @@ def test_log_lines_are_what_metaflow_parses():
     assert line.utc_tstamp is not None
 
 
-def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path / "sandboxes"))
+def _request(tmp_path: Path, step_command: str, **fields) -> tuple[Path, staging.TaskLocation]:
+    """A request file for a task on the local backend whose ``flow.py step`` is ``step_command``."""
     loc = staging.TaskLocation(root=str(tmp_path / ".metaflow"), flow="F", run_id="1", step="s", task_id="2")
     package = tmp_path / "package.tar"
     code = io.BytesIO()
@@ -46,7 +48,7 @@ def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatc
     req = request.TaskRequest(
         backend="local",
         backend_options={},
-        step_command='mkdir -p "$T" && touch "$T/1.attempt.json" && echo "$WHO ran" && exit 4',
+        step_command=step_command,
         location=loc,
         input_paths=[],
         extract_commands=[],
@@ -54,15 +56,57 @@ def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatc
         env={"WHO": "the task", "T": loc.task_dir},
         labels={},
         hard_limit_s=60,
-        attempt=1,
         code_tar=str(package),
+        **fields,
     )
     request_file = tmp_path / "request.json"
     req.save(str(request_file))
-    launcher = [sys.executable, "-m", "metaflow_extensions.sandbox.plugins.launcher", str(request_file)]
-    done = subprocess.run([*launcher, "--local-config-file", "/ignored"], capture_output=True, check=False)
+    return request_file, loc
+
+
+LAUNCHER = [sys.executable, "-m", "metaflow_extensions.sandbox.plugins.launcher"]
+
+
+def test_the_launcher_runs_its_request_and_removes_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path / "sandboxes"))
+    command = 'mkdir -p "$T" && touch "$T/1.attempt.json" && echo "$WHO ran" && exit 4'
+    request_file, loc = _request(tmp_path, command, attempt=1)
+    done = subprocess.run(
+        [*LAUNCHER, str(request_file), "--local-config-file", "/ignored"], capture_output=True, check=False
+    )
     assert done.returncode == 4, done.stderr
     assert not request_file.exists(), "the request (which may hold env values) is removed"
     assert mflog.parse(done.stdout.splitlines()[0]).msg == b"the task ran", "lines are echoed as mflog lines"
     saved = Path(loc.task_dir, "1.task_stdout.log").read_bytes()
     assert [mflog.parse(line).msg for line in saved.splitlines()] == [b"the task ran"]
+
+
+def test_the_launcher_ends_with_its_runtime_even_when_it_is_not_its_parent(tmp_path: Path, monkeypatch):
+    """The runtime's pid in the request is watched (the parent-death signal sees only the parent):
+    when it is gone, the sandbox is destroyed and the launcher exits."""
+    sandboxes = tmp_path / "sandboxes"
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(sandboxes))
+    runtime = subprocess.Popen(["sleep", "600"])
+    request_file, _ = _request(tmp_path, "echo task-started && sleep 600", runtime=kills.process_identity(runtime.pid))
+    launcher = subprocess.Popen([*LAUNCHER, str(request_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert launcher.stdout is not None
+        assert b"task-started" in launcher.stdout.readline()
+        assert list(sandboxes.glob("sbx-*")), "the task runs in a sandbox"
+        runtime.kill()
+        runtime.wait()
+        assert launcher.wait(timeout=60) != 0  # it ends (how does not matter: nobody waits for it)
+        assert not list(sandboxes.glob("sbx-*")), "the sandbox is destroyed"
+    finally:
+        launcher.kill()
+        runtime.kill()
+
+
+def test_a_kill_mark_is_seen_once(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert not kills.was_killed("local", "sbx-1")
+    kills.mark_killed("local", "sbx-1")
+    assert (tmp_path / f"metaflow-sandbox-kills-{os.getuid()}").stat().st_mode & 0o777 == 0o700
+    assert not kills.was_killed("local", "sbx-2") and not kills.was_killed("daytona", "sbx-1")
+    assert kills.was_killed("local", "sbx-1")
+    assert not kills.was_killed("local", "sbx-1"), "consumed"

@@ -53,6 +53,7 @@ class TaskRequest:
     # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
     secret_env: Mapping[str, str] = field(default_factory=dict)
     metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
+    runtime: str = ""  # "pid:start" of the runtime (kills.process_identity): the launcher ends with it
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:

@@ -28,7 +28,7 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import compat, staging
+from . import compat, kills, staging
 from .metadata import task_labels
 from .request import TaskRequest, save_request
 
@@ -118,6 +118,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         datastore=deco.flow_datastore.TYPE,
         secret_env=secret_env,
         metadata_root=_local_metadata_root() if direct and options_metadata(cli_args) == "local" else "",
+        runtime=kills.process_identity(os.getpid()),
     )
 
 
