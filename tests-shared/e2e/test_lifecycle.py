@@ -72,11 +72,13 @@ def _sleeping_run(flowdir: FlowDir, *, preexec=None) -> Iterator[tuple[subproces
         flowdir.outputs.append("".join(lines))
 
 
-def _start(flowdir: FlowDir, preexec, flow: str, *args: str) -> subprocess.Popen[str]:
+def _start(
+    flowdir: FlowDir, preexec, flow: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         flowdir.command(flow, *args),
         cwd=flowdir.path,
-        env=flowdir.env,
+        env={**flowdir.env, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -85,17 +87,22 @@ def _start(flowdir: FlowDir, preexec, flow: str, *args: str) -> subprocess.Popen
     )
 
 
-def _until_gone(flowdir: FlowDir, pids: list[int]) -> float:
-    """Seconds until no sandbox of the flow and none of ``pids`` is left (fails past the bound)."""
+def _until_gone(flowdir: FlowDir, pids: list[int]) -> str:
+    """How long until none of ``pids`` and no sandbox of the flow is left (fails past the bound)."""
     start = time.monotonic()
-    while True:
-        left = flowdir.live_sandboxes("failing_flow.py")
-        running = [pid for pid in pids if _alive(pid)]
-        if not left and not running:
-            return time.monotonic() - start
+    while [pid for pid in pids if _alive(pid)]:
         if time.monotonic() - start > GONE_WITHIN_S:
-            pytest.fail(f"{GONE_WITHIN_S} s after: sandboxes {left}, launchers {running}")
+            pytest.fail(f"{GONE_WITHIN_S} s after, launchers {pids} still run")
+        time.sleep(0.2)
+    exited = time.monotonic() - start
+    left = flowdir.live_sandboxes("failing_flow.py")
+    print(f"first listing done {time.monotonic() - start:.1f} s after: {left}")
+    while left:
+        if time.monotonic() - start > GONE_WITHIN_S:
+            pytest.fail(f"{GONE_WITHIN_S} s after, sandboxes {left} are still live")
         time.sleep(0.5)
+        left = flowdir.live_sandboxes("failing_flow.py")
+    return f"launchers gone {exited:.1f} s after, no sandbox listed {time.monotonic() - start:.1f} s after"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -105,7 +112,7 @@ def test_killing_the_runtime_leaves_no_sandbox(flowdir, signum):
         assert launchers and flowdir.live_sandboxes("failing_flow.py"), "the step should be running"
         os.kill(proc.pid, signum)  # the runtime alone, as a scheduler or a CI timeout does
         proc.wait(timeout=60)
-        print(f"gone {_until_gone(flowdir, launchers):.1f} s after {signal.Signals(signum).name}")
+        print(f"{signal.Signals(signum).name}: {_until_gone(flowdir, launchers)}")
 
 
 def test_sandboxes_of_a_killed_launcher_are_listed_and_killed_by_run_id(flowdir):
@@ -160,3 +167,75 @@ def test_sandbox_list_names_the_fix_for_a_backend_it_cannot_ask(flowdir):
     out = listed.stdout + listed.stderr
     assert "Traceback" not in out and "no-such-backend" in out, out
     assert len([line for line in out.splitlines() if "no-such-backend" in line]) == 1, out
+
+
+# A flow whose step names its backend: `sandbox list` must find its sandboxes whatever the default.
+DAYTONA_STEP_FLOW = """
+import time
+
+from metaflow import FlowSpec, daytona, step
+
+
+class DaytonaStepFlow(FlowSpec):
+    @daytona
+    @step
+    def start(self):
+        print("sleeping-now", flush=True)
+        time.sleep(600)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    DaytonaStepFlow()
+"""
+
+
+@pytest.fixture
+def daytona(flowdir: FlowDir) -> str:
+    if flowdir.backend != "daytona":
+        pytest.skip("a flow with @daytona steps: runs with MFSBX_E2E_BACKEND=daytona")
+    (flowdir.path / "daytona_step_flow.py").write_text(DAYTONA_STEP_FLOW)
+    return flowdir.env["MFSBX_DAYTONA_EMULATOR"]
+
+
+def test_sandbox_list_and_kill_ask_the_backends_the_flows_steps_use(flowdir, daytona):
+    other_default = {"METAFLOW_SANDBOX_BACKEND": "local"}
+    proc = _start(flowdir, None, "daytona_step_flow.py", "run", env=other_default)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "sleeping-now", lines)
+        listed = flowdir.run("daytona_step_flow.py", "sandbox", "list", env=other_default)
+        assert "daytona:" in listed.stdout + listed.stderr
+        unreachable = {**other_default, "DAYTONA_API_URL": "http://127.0.0.1:9/api"}
+        failed = flowdir.run("daytona_step_flow.py", "sandbox", "list", env=unreachable, ok=False)
+        out = failed.stdout + failed.stderr
+        assert "Traceback" not in out and len([x for x in out.splitlines() if "'daytona'" in x]) == 1, out
+        killed = flowdir.run("daytona_step_flow.py", "sandbox", "kill", env=other_default)
+        assert "Destroyed daytona:" in killed.stdout + killed.stderr
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "killed by `sandbox kill`" in "".join(lines) + rest
+
+
+def test_a_stalled_log_stream_does_not_hang_the_run(flowdir, daytona):
+    from sandbox_testing.daytona import NO_FAULTS, set_faults
+
+    # The step's command ("... step start ...") streams no more output, yet runs to its end.
+    set_faults(daytona, stall_next=1, match=" step start ")
+    fast_checks = {"METAFLOW_SANDBOX_DAYTONA_CHECK_INTERVAL_S": "2"}
+    proc = _start(flowdir, None, "long_flow.py", "run", "--seconds", "1", env=fast_checks)
+    try:
+        out, _ = proc.communicate(timeout=300)  # a generous bound: the run takes ~15 s
+    finally:
+        set_faults(daytona, **NO_FAULTS)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    flowdir.outputs.append(out)
+    run = flowdir.inspect("LongFlow")
+    assert run["successful"] and task(run, "start")["artifacts"]["attempt"] == 0, out

@@ -39,6 +39,10 @@ from .request import TaskRequest
 
 def _install_signal_handlers() -> None:
     def handler(signum: int, _frame: Any) -> None:
+        # Once: a second signal (the parent-death signal and the runtime watcher both send one)
+        # would re-enter a destroy holding its lock in this very thread, and deadlock.
+        for other in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(other, signal.SIG_IGN)
         destroy_all_live()
         # Unwind (saving the captured logs on the way) and exit like a killed process.
         raise SystemExit(128 + signum)
