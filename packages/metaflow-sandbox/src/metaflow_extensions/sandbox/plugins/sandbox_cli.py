@@ -47,9 +47,11 @@ class _Backends:
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         for name, options in self.wanted.items():
             try:
-                yield name, get_backend(name, **options)
-            except SandboxError as e:
+                impl = get_backend(name, **options)
+            except Exception as e:  # SandboxError names the fix; anything else still gets one line
                 self.report(name, e)
+                continue
+            yield name, impl
 
     def listed(self, name: str, impl: Any, labels: dict[str, str]) -> list[Any]:
         try:
