@@ -46,6 +46,17 @@ def _launchers(runtime: int) -> list[int]:
     return found
 
 
+def _sandboxed_processes(run_id: str) -> list[int]:
+    """Processes of this machine running a sandboxed task of ``run_id`` (found by their environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            env = environ.read_bytes().split(b"\0")
+            if f"METAFLOW_RUN_ID={run_id}".encode() in env and any(v.startswith(b"METAFLOW_SANDBOX_ID=") for v in env):
+                found.append(int(environ.parent.name))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -121,11 +132,14 @@ def test_sandboxes_of_a_killed_launcher_are_listed_and_killed_by_run_id(flowdir)
         os.kill(launcher, signal.SIGKILL)
         rest, _ = proc.communicate(timeout=600)  # the retry (no sleep on attempt 1) finishes the run
         lines.append(rest)
-    assert proc.returncode == 0, "".join(lines)
     run_id = run_id_of("".join(lines))
+    if flowdir.backend == "local":  # before anything lists (and so reaps) the sandbox it left
+        assert not _sandboxed_processes(run_id), "the killed launcher's task runs on"
+    assert proc.returncode == 0, "".join(lines)
     listed = flowdir.run("failing_flow.py", "sandbox", "list", "--run-id", run_id)
     if flowdir.backend == "local":
-        # Its processes died with the launcher; listing reaped the directory it left.
+        # Its processes died with the launcher (bubblewrap's --die-with-parent, or the process
+        # mode's supervisor); listing reaped the directory it left.
         assert "No live sandboxes" in listed.stdout + listed.stderr
     elif f"{run_id}/work/2 attempt 0" in listed.stdout + listed.stderr:
         # A provider's sandbox lives on without its launcher, until its lease ends.
