@@ -148,8 +148,14 @@ def test_sandbox_destroyed_mid_step_is_an_infrastructure_failure_and_retried(flo
     wait_for_line(proc, "sleeping-now", lines)
     listed = flowdir.run("failing_flow.py", "sandbox", "list")
     assert "/work/2 attempt 0" in listed.stdout + listed.stderr
-    killed = flowdir.run("failing_flow.py", "sandbox", "kill")
-    assert "Destroyed" in killed.stdout + killed.stderr
+    # Destroyed from outside (not `sandbox kill`, which ends the attempt as killed: test_lifecycle).
+    destroy = (
+        "from metaflow_extensions.sandbox.core import default_backend, get_backend\n"
+        "backend = get_backend(default_backend())\n"
+        "for info in backend.list({'metaflow-flow': 'FailingFlow'}):\n"
+        "    backend.destroy(info.id)\n"
+    )
+    subprocess.run([sys.executable, "-c", destroy], env=flowdir.env, check=True, timeout=120)
     rest, _ = proc.communicate(timeout=600)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out

@@ -8,7 +8,8 @@ load (see ``launcher``).
 Exit codes: the task's own; ``EXIT_INFRA_RETRYABLE`` (1) when the sandbox failed underneath the
 task (``@retry`` retries it, as with a crashed ``@batch`` job); ``METAFLOW_EXIT_DISALLOW_RETRY``
 (202) when no sandbox could be created for a reason retrying cannot fix (configuration,
-credentials, image), as ``@batch`` does on launch failures.
+credentials, image), as ``@batch`` does on launch failures, and when ``flow.py sandbox kill``
+destroyed the sandbox on purpose (``kills``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import direct, staging
+from . import direct, kills, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
@@ -260,6 +261,9 @@ def _execute(task: SandboxTask, tmp: str) -> int:
         say(f"Refused the outputs of sandbox {sbx.id}: {e} Nothing of this attempt was saved; it is not retried.")
         return EXIT_DISALLOW_RETRY
     except (SandboxError, staging.StagingError) as e:
+        if kills.was_killed(task.req.backend, sbx.id):
+            say(f"Task killed by `sandbox kill` (sandbox {sbx.id} destroyed): this attempt ends here, not retried.")
+            return EXIT_DISALLOW_RETRY
         if exit_code_for(e) == EXIT_DISALLOW_RETRY:
             say(f"Sandbox {sbx.id}: {e} Retrying cannot help: this attempt is not retried.")
         else:

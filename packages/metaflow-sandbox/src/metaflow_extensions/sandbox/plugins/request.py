@@ -58,6 +58,7 @@ class TaskRequest:
     flow_dir: str = ""  # the flow's directory on the launcher's machine: tracebacks name its files
     # Warnings the runtime showed once for the whole run (``preflight``): the launcher stays quiet.
     shown_warnings: list[str] = field(default_factory=list)
+    runtime: str = ""  # "pid:start" of the runtime (kills.process_identity): the launcher ends with it
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:

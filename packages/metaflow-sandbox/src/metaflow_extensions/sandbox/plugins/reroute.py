@@ -28,7 +28,7 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import compat, preflight, staging
+from . import compat, kills, preflight, staging
 from .metadata import task_labels
 from .request import TaskRequest, save_request
 
@@ -120,6 +120,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         metadata_root=_local_metadata_root() if direct and options_metadata(cli_args) == "local" else "",
         flow_dir=os.path.dirname(os.path.abspath(sys.argv[0])),
         shown_warnings=preflight.shown_warnings(),
+        runtime=kills.process_identity(os.getpid()),
     )
 
 
