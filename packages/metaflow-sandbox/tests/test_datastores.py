@@ -15,7 +15,7 @@ from pathlib import Path
 import metaflow  # noqa: F401 - Metaflow loads this extension first; importing its modules alone would not
 import pytest
 
-from metaflow_extensions.sandbox.plugins import datastores, direct, executor, staging
+from metaflow_extensions.sandbox.plugins import datastores, direct, request, staging, task_script
 from metaflow_extensions.sandbox.plugins.exceptions import SandboxException
 
 WHERE = "@sandbox on step *start*"
@@ -140,12 +140,12 @@ def test_a_direct_task_neither_stages_nor_packs_data(tmp_path: Path):
     for folder in ("F", "F/5", "F/5/b", "F/5/b/9"):
         (root / folder / "_meta" / "_self.json").parent.mkdir(parents=True, exist_ok=True)
         (root / folder / "_meta" / "_self.json").write_text("{}")
-    req = executor.TaskRequest(
+    req = request.TaskRequest(
         backend="local", backend_options={}, step_command="true", location=LOC, input_paths=["5/a/3"],
         extract_commands=[], extract_env={}, env={}, labels={}, hard_limit_s=60, data_path="direct",
         datastore="s3", secret_env={"AWS_SESSION_TOKEN": "t"}, metadata_root=str(root), code_tar="code.tar",
     )  # fmt: skip
-    text = executor.script(req)
+    text = task_script.script(req)
     assert "ln -sfn" not in text and staging.OUT_ARCHIVE not in text
     assert 'METAFLOW_DATASTORE_SYSROOT_LOCAL="$PWD"' in text
     assert "AWS_SESSION_TOKEN" not in text  # credentials go in the command's environment only
@@ -157,14 +157,14 @@ def test_a_direct_task_neither_stages_nor_packs_data(tmp_path: Path):
     ]
     path = tmp_path / "req.json"
     req.save(str(path))
-    assert executor.TaskRequest.load(str(path)) == req
+    assert request.TaskRequest.load(str(path)) == req
 
 
 def test_credentials_travel_as_a_private_file_the_script_sources(tmp_path: Path):
     import subprocess
 
     secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr'et $(rm -rf /)", "AWS_SESSION_TOKEN": "tok"}
-    path = executor.write_secrets(secrets, str(tmp_path))
+    path = task_script.write_secrets(secrets, str(tmp_path))
     assert os.stat(path).st_mode & 0o777 == 0o600
     shown = subprocess.run(
         ["bash", "-c", f"set -a && . {path} && set +a && env -0"], capture_output=True, check=True

@@ -15,7 +15,8 @@ import pytest
 from metaflow.datastore import FlowDataStore
 from metaflow.plugins.datastores.local_storage import LocalStorage
 
-from metaflow_extensions.sandbox.plugins import compat, direct, executor, staging
+from metaflow_extensions.sandbox.plugins import compat, direct, staging
+from metaflow_extensions.sandbox.plugins.request import TaskRequest
 
 
 @pytest.fixture
@@ -27,8 +28,8 @@ def remote(tmp_path: Path):
     return FlowDataStore("F", None, storage_impl=LocalStorage, ds_root=str(root)), loc
 
 
-def request(loc: staging.TaskLocation, metadata_root: str) -> executor.TaskRequest:
-    return executor.TaskRequest(
+def request(loc: staging.TaskLocation, metadata_root: str) -> TaskRequest:
+    return TaskRequest(
         backend="local", backend_options={}, step_command="true", location=loc, input_paths=[],
         extract_commands=[], extract_env={}, env={}, labels={}, hard_limit_s=60, attempt=1,
         data_path="direct", datastore="local", metadata_root=metadata_root,

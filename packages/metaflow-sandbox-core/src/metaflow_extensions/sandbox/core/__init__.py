@@ -21,10 +21,11 @@ from .errors import (
     TransientError,
 )
 from .options import Option
-from .registry import ENTRY_POINT_GROUP, available_backends, backend_class, get_backend
+from .registry import BACKEND_ENV, ENTRY_POINT_GROUP, available_backends, backend_class, default_backend, get_backend
 from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
 
 __all__ = [
+    "BACKEND_ENV",
     "ENTRY_POINT_GROUP",
     "LEASE_ENV",
     "OWNER_LABEL",
@@ -47,6 +48,7 @@ __all__ = [
     "TransientError",
     "available_backends",
     "backend_class",
+    "default_backend",
     "destroy_all_live",
     "get_backend",
     "lease_s",

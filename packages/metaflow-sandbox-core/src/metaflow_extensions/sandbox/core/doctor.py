@@ -32,13 +32,12 @@ from typing import Any
 from .backend import SandboxBackend
 from .errors import BackendNotFound, ConfigurationError, SandboxError
 from .provider import requirements, satisfies
-from .registry import ENTRY_POINT_GROUP, backend_class, get_backend
+from .registry import BACKEND_ENV, ENTRY_POINT_GROUP, backend_class, default_backend, get_backend
 from .spec import SandboxSpec
 
 DOCTOR_ENTRY_POINT_GROUP = "metaflow_sandbox.doctor"
 DOCTOR_LABEL = "metaflow-sandbox-doctor"
 """Label on the sandbox the doctor creates, so that it finds exactly that one again."""
-BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND"
 OWN_PREFIX = "metaflow-sandbox"
 """Our own distributions: their versions move together, so only third-party requirements are checked."""
 
@@ -303,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"A backend to check in depth (repeatable; default: ${BACKEND_ENV} or local).",
     )
     args = parser.parse_args(argv)
-    names = args.backend or [os.environ.get(BACKEND_ENV) or "local"]
+    names = args.backend or [default_backend()]
     return report(run_doctor({name: {} for name in names}))
 
 

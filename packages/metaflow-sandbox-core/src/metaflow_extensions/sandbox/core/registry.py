@@ -11,6 +11,7 @@ backend is one ``pip install`` away. Classes load lazily, on first use.
 from __future__ import annotations
 
 import importlib
+import os
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -20,6 +21,9 @@ from .errors import BackendNotFound, ConfigurationError
 from .options import resolve
 
 ENTRY_POINT_GROUP = "metaflow_sandbox.backends"
+BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND"
+"""The user's choice of backend where a step names none (``@sandbox`` without ``backend=``)."""
+DEFAULT_BACKEND = "local"
 
 # Backends we know of, with the distribution that provides each: an uninstalled one gets an
 # install command instead of a bare "unknown backend".
@@ -28,6 +32,11 @@ KNOWN_BACKENDS: dict[str, str] = {
     "e2b": "metaflow-sandbox-e2b",
     "local": "metaflow-sandbox-core",
 }
+
+
+def default_backend() -> str:
+    """The backend a step gets when it names none: ``$METAFLOW_SANDBOX_BACKEND``, else ``local``."""
+    return os.environ.get(BACKEND_ENV, "").strip() or DEFAULT_BACKEND
 
 
 @cache

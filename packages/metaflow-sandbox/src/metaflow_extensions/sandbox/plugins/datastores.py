@@ -1,7 +1,7 @@
 """Remote datastores, runtime side: which datastore and data path a sandboxed task uses, the checks
 made before the run, and the environment and short-lived credentials of a *direct*-path task.
 
-Layer: plugins (bottom of the integration: used by the decorator's ``step_init`` and by ``launch``,
+Layer: plugins (bottom of the integration: used by the decorator's ``step_init`` and by ``reroute``,
 both in the runtime process, never inside a sandbox). Imports: ``plugins.exceptions``, metaflow's
 configuration and boto3/botocore lazily (Metaflow's own S3 dependency; only S3 runs need them).
 

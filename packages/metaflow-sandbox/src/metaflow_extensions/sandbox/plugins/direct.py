@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .staging import CODE_PREFIX, TaskLocation
 
 if TYPE_CHECKING:
-    from .executor import TaskRequest
+    from .request import TaskRequest
 
 TASK_LOG_SOURCE = "task"  # metaflow.mflog.TASK_LOG_SOURCE
 METADATA_KEY = "local_metadata"  # the attempt metadata sync_local_metadata_to_datastore writes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from typing import Any
 
 from metaflow_extensions.sandbox.core.doctor import Finding, requirement_findings
@@ -66,9 +65,3 @@ def flow_backends(flow: Any, default: str) -> dict[str, dict[str, Any]]:
                 options = json.loads(options)
             found.setdefault(str(name), {}).update({str(k): str(v) for k, v in options.items()})
     return found
-
-
-def default_backend() -> str:
-    from .sandbox_decorator import BACKEND_ENV, DEFAULT_BACKEND
-
-    return os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND

@@ -17,7 +17,8 @@ from typing import Any
 from .compat import metadatum
 
 SANDBOX_ID_ENV = "METAFLOW_SANDBOX_ID"
-BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND_NAME"
+TASK_BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND_NAME"
+"""Set in the sandbox: the backend the task runs on (``METAFLOW_SANDBOX_BACKEND`` is the user's choice)."""
 LABEL_PREFIX = "metaflow-"
 # Providers restrict label values; keep a portable subset (letters, digits, - _ .), <= 63 chars.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -41,7 +42,7 @@ def selector(flow: str, run_id: str | None = None, user: str | None = None) -> d
 
 def sandbox_env(sandbox_id: str, backend: str) -> dict[str, str]:
     """Environment the launcher sets in the sandbox so the task can record where it ran."""
-    return {SANDBOX_ID_ENV: sandbox_id, BACKEND_ENV: backend}
+    return {SANDBOX_ID_ENV: sandbox_id, TASK_BACKEND_ENV: backend}
 
 
 def register_sandbox_metadata(metadata: Any, run_id: str, step: str, task_id: str, attempt: int) -> None:
@@ -49,6 +50,6 @@ def register_sandbox_metadata(metadata: Any, run_id: str, step: str, task_id: st
     tags = [f"attempt_id:{attempt}"]
     entries = [
         metadatum("sandbox-id", os.environ[SANDBOX_ID_ENV], "sandbox-id", tags),
-        metadatum("sandbox-backend", os.environ.get(BACKEND_ENV, "unknown"), "sandbox-backend", tags),
+        metadatum("sandbox-backend", os.environ.get(TASK_BACKEND_ENV, "unknown"), "sandbox-backend", tags),
     ]
     metadata.register_metadata(run_id, step, task_id, entries)

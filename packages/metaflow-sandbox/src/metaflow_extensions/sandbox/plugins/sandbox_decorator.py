@@ -5,7 +5,7 @@ Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, 
 
 This module is imported at every ``import metaflow``, in every task too: keep it light. The
 decorator validates in ``step_init`` and reroutes the task to the ``launcher``
-(``launch.reroute``), which does the actual work.
+(``reroute.reroute``), which does the actual work.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Any, ClassVar
 
 from metaflow.decorators import StepDecorator
 
-from .exceptions import SandboxException
+from metaflow_extensions.sandbox.core import default_backend
 
-BACKEND_ENV = "METAFLOW_SANDBOX_BACKEND"
-DEFAULT_BACKEND = "local"
-IN_SANDBOX_ENV = "METAFLOW_SANDBOX_ID"
-"""Set inside a sandbox by the launcher: the task is the remote half, not the launcher."""
+from .exceptions import SandboxException
+from .metadata import SANDBOX_ID_ENV
 
 # Commands that compile the flow for another orchestrator: they never call the runtime hooks, so
 # a sandboxed step would silently run in the orchestrator's pod instead.
@@ -40,6 +38,13 @@ SECRET_WORDS = ("key", "token", "secret", "password", "credential")
 GRACE_S = 60
 # Without @timeout, Metaflow's own default run time limit (5 days) would apply.
 DEFAULT_RUN_TIME_LIMIT_S = 5 * 24 * 3600
+# Linux refuses to start a program with one ``NAME=value`` over 128 KiB (MAX_ARG_STRLEN), and a
+# whole environment near ARG_MAX (2 MiB with Metaflow's own variables and the command): refused
+# in step_init rather than failing in every task.
+MAX_ENV_ENTRY = 128 * 1024 - 1
+MAX_ENV_TOTAL = 1024 * 1024
+# Where every sandbox (local and the providers' Linux images) keeps bash, tar and coreutils.
+SYSTEM_BIN = ("/usr/bin", "/bin")
 
 
 def _is_true(value: Any) -> bool | None:
@@ -62,9 +67,9 @@ def _number(value: Any, name: str, step: str, *, integer: bool, minimum: float) 
             raise ValueError
     except (TypeError, ValueError):
         kind = "an integer" if integer else "a number"
-        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be {kind}.") from None
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value} must be {kind}.") from None
     if number < minimum:
-        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be at least {minimum:g}.")
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value} must be at least {minimum:g}.")
     return number
 
 
@@ -146,7 +151,7 @@ class SandboxDecorator(StepDecorator):
         self._check_context(step, decos, flow_datastore, logger)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
-        self._preflight(step)
+        self._preflight(step, logger)
 
     def _dedupe(self, step: str, decos: list[Any]) -> bool:
         """``--with sandbox`` plus a static ``@daytona`` gives two decorators of one family: the
@@ -185,7 +190,7 @@ class SandboxDecorator(StepDecorator):
         self.data_path = datastores.data_path(flow_datastore.TYPE, self.attributes["data_path"], where)
         self.attributes["credentials"] = datastores.credentials_mode(self.attributes["credentials"], where)
         starting = any(arg in ("run", "resume") for arg in sys.argv[1:])
-        if self.data_path == "direct" and starting and os.environ.get(IN_SANDBOX_ENV) is None:
+        if self.data_path == "direct" and starting and os.environ.get(SANDBOX_ID_ENV) is None:
             from metaflow import util
 
             user = util.get_username() or "unknown"
@@ -203,10 +208,10 @@ class SandboxDecorator(StepDecorator):
                     f"(got backend={requested!r}). Use @sandbox(backend={requested!r}) instead."
                 )
             requested = self.alias_of
-        backend = str(requested or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip()
+        backend = str(requested or default_backend()).strip()
         if not backend:
             raise SandboxException(f"@{self.name} on step *{step}*: backend must not be empty.")
-        if os.environ.get(IN_SANDBOX_ENV) is None:
+        if os.environ.get(SANDBOX_ID_ENV) is None:
             # Only the launcher creates sandboxes; entry points do not exist inside one.
             from metaflow_extensions.sandbox.core import SandboxError
             from metaflow_extensions.sandbox.core.registry import backend_class
@@ -236,18 +241,21 @@ class SandboxDecorator(StepDecorator):
         if attrs["image"] is not None and not isinstance(attrs["image"], str):
             raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
 
-    def _preflight(self, step: str) -> None:
-        """Before ``run`` or ``resume`` starts tasks: the backend works with these options."""
-        if os.environ.get(IN_SANDBOX_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
+    def _preflight(self, step: str, logger: Any) -> None:
+        """Before ``run`` or ``resume`` starts tasks: the backend works with these options. Its
+        warnings are said here, once for the run (the launchers stay quiet)."""
+        if os.environ.get(SANDBOX_ID_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
             return
         from metaflow_extensions.sandbox.core import SandboxError
 
         from .preflight import check_backend
 
         try:
-            check_backend(self.attributes["backend"], self.attributes["options"])
+            news = check_backend(self.attributes["backend"], self.attributes["options"])
         except SandboxError as e:
             raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
+        for message in news:
+            logger(f"Warning: {message}")
 
     def _check_env(self, step: str, decos: list[Any]) -> None:
         """Every variable name the sandbox gets (``env=`` and ``@environment``) must be a shell
@@ -259,18 +267,41 @@ class SandboxDecorator(StepDecorator):
         sources += [
             ("@environment(vars=...)", d.attributes.get("vars") or {}) for d in decos if d.name == "environment"
         ]
+        total = 0
         for what, env in sources:
+            where = f"{what} on step *{step}*"
             try:
-                check_env({str(k): str(v) for k, v in env.items()}, f"{what} on step *{step}*")
+                check_env({str(k): str(v) for k, v in env.items()}, where)
             except SandboxError as e:
                 raise SandboxException(str(e)) from e
+            for name, value in env.items():
+                size = len(f"{name}={value}".encode())
+                total += size
+                if size > MAX_ENV_ENTRY:
+                    raise SandboxException(
+                        f"{where}: {name} is {size // 1024} KiB; one environment variable holds at most "
+                        "128 KiB (a Linux limit). Pass large data as an artifact, a Parameter or IncludeFile, "
+                        "or a file in the code package (--package-suffixes)."
+                    )
+            path = env.get("PATH")
+            if path is not None and not set(str(path).split(":")) & set(SYSTEM_BIN):
+                raise SandboxException(
+                    f"{where}: PATH={path!r} leaves out /usr/bin and /bin, where the sandbox's shell and tools "
+                    f"are, so the task could not start. Keep them, e.g. PATH='{path}:/usr/local/bin:/usr/bin:/bin'."
+                )
+        if total > MAX_ENV_TOTAL:
+            raise SandboxException(
+                f"@{self.name} on step *{step}*: env and @environment add up to {total // 1024} KiB, over the "
+                f"{MAX_ENV_TOTAL // 1024} KiB a sandbox's environment can hold. Pass large data as an artifact, a "
+                "Parameter or IncludeFile, or a file in the code package (--package-suffixes)."
+            )
 
     def _refuse_secret_options(self, step: str) -> None:
         """Metaflow saves decorator attributes with the run (``_graph_info``), in plain text: a
         credential among ``options`` would be persisted. Credentials come from the environment."""
         backend = self.attributes["backend"]
         declared: dict[str, str] = {}
-        if os.environ.get(IN_SANDBOX_ENV) is None:  # entry points exist only on the launcher side
+        if os.environ.get(SANDBOX_ID_ENV) is None:  # entry points exist only on the launcher side
             from metaflow_extensions.sandbox.core.options import secret_variables
             from metaflow_extensions.sandbox.core.registry import backend_class
 
@@ -291,6 +322,7 @@ class SandboxDecorator(StepDecorator):
     def _str_map(self, value: Any, name: str, step: str) -> dict[str, str]:
         if value is None:
             return {}
+        given = value
         if isinstance(value, str):  # --with sandbox:env={"K":"v"} may arrive unparsed
             try:
                 value = json.loads(value)
@@ -299,7 +331,8 @@ class SandboxDecorator(StepDecorator):
         if not isinstance(value, dict):
             raise SandboxException(
                 f"@{self.name} on step *{step}*: {name} must be a dict of strings, "
-                f'e.g. {name}={{"KEY": "value"}}; got {value!r}.'
+                f'e.g. {name}={{"KEY": "value"}} (with --with: \'{self.name}:{name}={{"KEY":"value"}}\', '
+                f"JSON in single quotes); got {given!r}."
             )
         return {str(k): str(v) for k, v in value.items()}
 
@@ -319,7 +352,7 @@ class SandboxDecorator(StepDecorator):
         self.package = package
 
     def runtime_finished(self, exception: Any) -> None:
-        from .launch import forget_requests
+        from .request import forget_requests
 
         forget_requests()
 
@@ -330,7 +363,7 @@ class SandboxDecorator(StepDecorator):
         if list(cli_args.commands) != ["step"]:
             # e.g. `spin` (2.19+) runs `spin-step` locally by design; leave other commands alone.
             return
-        from .launch import reroute
+        from .reroute import reroute
 
         reroute(self, cli_args, retry_count)
 
@@ -351,7 +384,7 @@ class SandboxDecorator(StepDecorator):
         inputs: Any,
     ) -> None:
         # Also runs for the local @catch fallback attempt: record only what happened in a sandbox.
-        if os.environ.get(IN_SANDBOX_ENV) and not getattr(self, "inert", False):
+        if os.environ.get(SANDBOX_ID_ENV) and not getattr(self, "inert", False):
             from .metadata import register_sandbox_metadata
 
             register_sandbox_metadata(metadata, run_id, step_name, task_id, retry_count)

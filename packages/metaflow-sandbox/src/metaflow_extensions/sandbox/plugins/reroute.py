@@ -1,9 +1,9 @@
-"""The runtime side of a sandboxed task: Metaflow's command line for the task becomes a ``TaskRequest``
-and the runtime starts the ``launcher`` with it instead of ``flow.py step``.
+"""The runtime side of a sandboxed task: the runtime's ``flow.py step`` command line for the task is
+rerouted, becoming a ``TaskRequest`` file and a command that starts the ``launcher`` with it.
 
 Layer: plugins (called by the decorator's ``runtime_step_cli``, in the runtime process). Imports:
-metaflow, the core registry, ``plugins.executor`` (``TaskRequest``), ``plugins.staging``,
-``plugins.metadata``, ``plugins.compat``.
+metaflow, the core registry, ``plugins.request``, ``plugins.staging``, ``plugins.metadata``,
+``plugins.compat``.
 
 Everything the launcher needs is known here, where Metaflow and the flow are loaded already: the
 real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox,
@@ -15,7 +15,6 @@ line.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -29,9 +28,9 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import compat, staging
-from .executor import TaskRequest
+from . import compat, kills, preflight, staging
 from .metadata import task_labels
+from .request import TaskRequest, save_request
 
 LAUNCHER = "metaflow_extensions.sandbox.plugins.launcher"
 # An argument over ~128 KiB cannot go through ``bash -c``: long input paths travel in variables.
@@ -49,43 +48,6 @@ def reroute(deco: Any, cli_args: Any, retry_count: int) -> None:
     cli_args.commands = []
     cli_args.command_args = []
     cli_args.command_options = {}
-
-
-def _requests_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-requests-{os.getuid()}")
-
-
-def save_request(req: TaskRequest) -> str:
-    """Write ``req`` where only this user can read it (it may hold ``env`` values) and return the
-    path. The launcher deletes it once read; what a launcher never read (it failed to start) is
-    removed when the run ends (``forget_requests``) or, after a crash of the runtime, by the next
-    runtime (files are named after the runtime's pid)."""
-    folder = _requests_dir()
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    _sweep_requests(folder)
-    fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".json", dir=folder)  # mode 0600
-    os.close(fd)
-    req.save(path)
-    return path
-
-
-@functools.cache  # once per runtime
-def _sweep_requests(folder: str) -> None:
-    for name in os.listdir(folder):
-        owner = name.split("-", 1)[0]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-
-
-def forget_requests() -> None:
-    """Remove the request files of this runtime that no launcher read (called when the run ends)."""
-    folder = _requests_dir()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if name.startswith(f"{os.getpid()}-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
 
 
 def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
@@ -156,6 +118,9 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         datastore=deco.flow_datastore.TYPE,
         secret_env=secret_env,
         metadata_root=_local_metadata_root() if direct and options_metadata(cli_args) == "local" else "",
+        flow_dir=os.path.dirname(os.path.abspath(sys.argv[0])),
+        shown_warnings=preflight.shown_warnings(),
+        runtime=kills.process_identity(os.getpid()),
     )
 
 

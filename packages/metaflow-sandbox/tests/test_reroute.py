@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from metaflow_extensions.sandbox.plugins.launch import INPUT_PATHS_CHUNK, chunked, retry_delay, step_command
+from metaflow_extensions.sandbox.plugins.reroute import INPUT_PATHS_CHUNK, chunked, retry_delay, step_command
 
 
 def test_minutes_between_retries_is_honoured_on_retries_only():
@@ -59,13 +59,13 @@ def test_request_files_are_private_and_none_outlives_its_runtime(tmp_path, monke
     import stat
 
     from metaflow_extensions.sandbox.core import Resources
-    from metaflow_extensions.sandbox.plugins import launch
-    from metaflow_extensions.sandbox.plugins.executor import TaskRequest
+    from metaflow_extensions.sandbox.plugins import request
+    from metaflow_extensions.sandbox.plugins.request import TaskRequest
     from metaflow_extensions.sandbox.plugins.staging import TaskLocation
 
-    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: str(tmp_path))
-    launch._sweep_requests.cache_clear()
-    folder = Path(launch._requests_dir())
+    monkeypatch.setattr(request.tempfile, "gettempdir", lambda: str(tmp_path))
+    request._sweep_dead_owners.cache_clear()
+    folder = Path(request._requests_dir())
     folder.mkdir(mode=0o700)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -75,11 +75,11 @@ def test_request_files_are_private_and_none_outlives_its_runtime(tmp_path, monke
         input_paths=[], extract_commands=[], extract_env={}, env={"SECRET_ENV": "v"}, labels={}, hard_limit_s=60,
         resources=Resources(),
     )  # fmt: skip
-    path = Path(launch.save_request(req))
+    path = Path(request.save_request(req))
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert TaskRequest.load(str(path)) == req
     assert [p.name for p in folder.iterdir()] == [path.name], "a dead runtime's request is swept"
-    launch.forget_requests()  # the run ended: what no launcher read is gone
+    request.forget_requests()  # the run ended: what no launcher read is gone
     assert list(folder.iterdir()) == []
 
 
