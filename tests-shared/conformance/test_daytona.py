@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conformance.leases import orphan_dies_while_the_live_owner_keeps_its_sandbox
 from metaflow_extensions.sandbox.core import (
     AuthenticationError,
     ConfigurationError,
@@ -30,6 +31,7 @@ from metaflow_extensions.sandbox.core import (
     Resources,
     SandboxSpec,
     SandboxUnavailable,
+    TransientError,
     get_backend,
 )
 from metaflow_extensions.sandbox.core.conformance import BackendConformance
@@ -42,6 +44,7 @@ from sandbox_testing.daytona import (  # noqa: F401 - daytona_emulator is a fixt
     set_faults,
     start_emulator,
 )
+from sandbox_testing.emulators import free_port
 
 KEY = EMULATOR_API_KEY
 
@@ -63,6 +66,16 @@ class TestDaytonaEmulated(BackendConformance):
     @pytest.fixture
     def backend(self, emulator):
         return daytona(emulator)
+
+    @pytest.fixture
+    def foreign_sandbox(self, emulator, labels):
+        from metaflow_extensions.sandbox.daytona.sdk import load_sdk
+
+        sdk, _ = load_sdk()  # ``daytona``, or its alias ``daytona_sdk`` alone
+        client = sdk.Daytona(sdk.DaytonaConfig(api_key=KEY, api_url=f"{emulator}/api"))
+        made = client.create(sdk.CreateSandboxFromSnapshotParams(labels=labels))
+        yield str(made.id)
+        made.delete()
 
 
 class TestDaytonaUnderFaults(BackendConformance):
@@ -110,6 +123,29 @@ def test_rejected_key_is_an_authentication_error(emulator):
     with pytest.raises(AuthenticationError) as info:
         get_backend("daytona", api_url=f"{emulator}/api", api_key="invalid-key").create(SandboxSpec())
     assert "DAYTONA_API_KEY" in str(info.value)
+
+
+def test_a_rejected_key_on_list_names_the_variable(emulator):
+    with pytest.raises(AuthenticationError) as info:
+        get_backend("daytona", api_url=f"{emulator}/api", api_key="invalid-key").list()
+    assert "DAYTONA_API_KEY" in str(info.value)
+
+
+def test_an_unreachable_api_is_reported_as_unreachable_naming_the_url_and_its_variable():
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    with pytest.raises(TransientError) as info:
+        get_backend("daytona", api_url=url, api_key=KEY).list()
+    message = str(info.value)
+    assert f"the API at {url} ($DAYTONA_API_URL) cannot be reached" in message and "list failed" not in message
+
+
+def test_a_command_the_sandbox_cannot_start_ends_instead_of_hanging(emulator):
+    # 4 MB of environment: more than an exec accepts. The service's shell reports it and the
+    # command ends (126); the emulator must answer the same, not leave the command running.
+    with daytona(emulator).create(SandboxSpec()) as sbx:
+        res = sbx.run("echo never", env={"BIG": "x" * 4_000_000}, timeout_s=120)
+        assert res.exit_code == 126 and "never" not in res.stdout
+        assert sbx.run("echo still usable").stdout == "still usable\n"
 
 
 @pytest.mark.parametrize(("option", "spec"), [("snapshot", SandboxSpec()), (None, SandboxSpec(image="missing:1"))])
@@ -162,7 +198,8 @@ def test_spec_maps_onto_daytona_parameters(emulator):
         seen = backend.client.get(sbx.id)
         assert (seen.cpu, seen.memory, seen.disk) == (2, 2, 4)  # whole vCPUs and GiB, rounded up
         assert seen.network_block_all is True
-        assert (seen.auto_stop_interval, seen.auto_delete_interval) == (90, 0)
+        # The lease (default 300 s), not the 90 min lifetime: an orphan stops within 5 minutes.
+        assert (seen.auto_stop_interval, seen.auto_delete_interval) == (5, 0)
         assert seen.labels["flow"] == "F" and seen.labels["created-by"] == "metaflow-sandbox"
 
 
@@ -334,3 +371,21 @@ class TestDaytonaLive(BackendConformance):
     @pytest.fixture
     def backend(self):
         return get_backend("daytona")
+
+
+# -- leases ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_minute_emulator() -> Iterator[str]:
+    # Auto-stop "minutes" of 2 s, so an orphan's death can be watched.
+    with start_emulator("daytona", "--minute-s", "2") as url:
+        yield url
+
+
+def test_an_orphan_dies_with_its_lease_while_a_live_owner_keeps_its_sandbox(short_minute_emulator, monkeypatch):
+    url = short_minute_emulator
+    # A 3 s lease: auto-stop after one (2 s) minute without activity; live owners renew every second.
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "3")
+    options = {"api_url": f"{url}/api", "api_key": KEY}
+    orphan_dies_while_the_live_owner_keeps_its_sandbox(daytona(url), json.dumps(options))

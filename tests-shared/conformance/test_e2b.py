@@ -7,6 +7,7 @@ Layer: tests-shared. Imports: pytest, the standard library, core and ``sandbox_t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance.leases import orphan_dies_while_the_live_owner_keeps_its_sandbox
 from metaflow_extensions.sandbox.core import (
     AuthenticationError,
     ConfigurationError,
@@ -24,6 +26,7 @@ from metaflow_extensions.sandbox.core import (
     Resources,
     SandboxSpec,
     SandboxUnavailable,
+    TransientError,
     get_backend,
 )
 from metaflow_extensions.sandbox.core.conformance import BackendConformance
@@ -35,6 +38,7 @@ from sandbox_testing.e2b import (
     set_faults,
     start_emulator,
 )
+from sandbox_testing.emulators import free_port
 
 __all__ = ["e2b_emulator"]  # the fixture, imported so pytest finds it
 
@@ -47,6 +51,15 @@ class TestE2BEmulated(BackendConformance):
     @pytest.fixture
     def backend(self, e2b_emulator):
         return emulated(e2b_emulator, check_interval_s=1)
+
+    @pytest.fixture
+    def foreign_sandbox(self, e2b_emulator, labels):
+        import e2b
+
+        opts = {"api_key": EMULATOR_API_KEY, "api_url": e2b_emulator, "sandbox_url": e2b_emulator}
+        made = e2b.Sandbox.create(metadata=labels, timeout=60, **opts)
+        yield made.sandbox_id
+        e2b.Sandbox.kill(made.sandbox_id, **opts)
 
     def test_launcher_files_are_invisible(self, sandbox, tmp_path, monkeypatch):
         (tmp_path / "flow.py").write_text("s3cr3t")
@@ -79,7 +92,7 @@ class TestE2BEmulated(BackendConformance):
         with backend.create(self.spec(labels=labels, env={"E": "x y"})) as sbx:
             assert sbx.run('printf %s "$E"').stdout == "x y"
             (info,) = backend.list(labels=labels)
-        assert info.backend == "e2b" and dict(info.labels) == labels
+        assert info.backend == "e2b" and dict(info.labels).items() >= labels.items()
 
     def test_unknown_template_is_an_image_error(self, backend):
         with pytest.raises(ImageError, match="no-such-template"):
@@ -147,6 +160,14 @@ def test_long_commands_are_kept_alive_when_e2b_grants_less_than_asked(short_live
     backend = emulated(short_lived_emulator, check_interval_s=30)
     with backend.create(SandboxSpec(lifetime_s=600)) as sbx:
         assert sbx.run("sleep 8; echo survived").stdout == "survived\n"
+
+
+def test_an_unreachable_api_is_reported_as_unreachable_naming_the_url_and_its_variable():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TransientError) as info:
+        emulated(url).list()
+    message = str(info.value)
+    assert f"the API at {url} ($E2B_API_URL) cannot be reached" in message
 
 
 def test_missing_key_names_the_variable(monkeypatch):
@@ -218,3 +239,10 @@ class TestE2BLive(BackendConformance):
     @pytest.fixture
     def backend(self):
         return get_backend("e2b")
+
+
+def test_an_orphan_dies_with_its_lease_while_a_live_owner_keeps_its_sandbox(e2b_emulator, monkeypatch):
+    # A 3 s lease is the E2B timeout; live owners push it forward every second.
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "3")
+    options = {"api_url": e2b_emulator, "sandbox_url": e2b_emulator, "api_key": EMULATOR_API_KEY}
+    orphan_dies_while_the_live_owner_keeps_its_sandbox(emulated(e2b_emulator), json.dumps(options))

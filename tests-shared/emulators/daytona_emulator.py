@@ -26,7 +26,9 @@ sandboxes dying mid-command (state ``error``, exit code -1, log streams closed w
 next N matching commands' log streams dropped mid-way (the TCP connection cut) or stalled (open,
 silent, never closed) while the command runs on. Snapshots or
 images whose name contains ``missing`` do not exist; ``--max-live N`` refuses creation beyond N
-live sandboxes with Daytona's quota error.
+live sandboxes with Daytona's quota error. Auto-stop is enforced as Daytona does (no API or toolbox
+activity for ``autoStopInterval`` minutes: stopped, and deleted at once with auto-delete 0);
+``--minute-s S`` makes such a minute S seconds long, so a test can watch an orphan die.
 """
 
 from __future__ import annotations
@@ -259,6 +261,14 @@ def make_app(emu: Emulator) -> web.Application:
     return app
 
 
+async def auto_stop_idle(emu: Emulator) -> None:
+    """Stop (and, with auto-delete 0, delete) sandboxes idle past their auto-stop interval."""
+    while True:
+        await asyncio.sleep(min(1.0, emu.minute_s / 10))
+        for sbx in emu.idle_past_auto_stop(time.time()):
+            await asyncio.to_thread(emu.auto_stop, sbx)
+
+
 async def serve(args: argparse.Namespace) -> None:
     emu = Emulator(args)
     runner = web.AppRunner(make_app(emu), handle_signals=False, access_log=None, shutdown_timeout=1)
@@ -269,9 +279,11 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"READY http://127.0.0.1:{args.port}", flush=True)
+    reaper = asyncio.create_task(auto_stop_idle(emu))
     try:
         await stop.wait()
     finally:
+        reaper.cancel()
         # Terminating the emulator (what test fixtures do) removes every sandbox it still holds.
         for sandbox_id in list(emu.sandboxes):
             await asyncio.to_thread(emu.remove, sandbox_id)
@@ -284,6 +296,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--isolation", default="auto", help="local backend isolation: auto, bwrap or process")
     parser.add_argument("--max-live", type=int, default=0, help="refuse creation beyond N live sandboxes (quota)")
+    parser.add_argument(
+        "--minute-s", type=float, default=60.0, help="seconds in an auto-stop minute (short: watch orphans die)"
+    )
     DaytonaFaults.add_flags(parser)
     asyncio.run(serve(parser.parse_args()))
 

@@ -25,10 +25,8 @@ from aiohttp import web
 from emulator_faults import Faults
 
 from metaflow_extensions.sandbox.core import SandboxError, get_backend
-from metaflow_extensions.sandbox.core.local.processes import kill_tree
 
 STDOUT, STDERR = b"\x01\x01\x01", b"\x02\x02\x02"
-CMD_ENV = "DAYTONA_SESSION_COMMAND_ID"  # lets the emulator find a command's processes to kill
 DEFAULT_SNAPSHOT = "daytonaio/sandbox:0.4.3"
 
 
@@ -58,6 +56,7 @@ class Command:
         self.close_code = 1000  # how followers' WebSockets end
         self.drop = False  # the next follower's connection is cut mid-way
         self.stall = False  # the next follower gets nothing at all, and no close, ever
+        self.cancel = threading.Event()  # set: the command and its processes are killed
         self._waiters: set[asyncio.Future[None]] = set()
 
     def _wake(self) -> None:
@@ -148,6 +147,8 @@ class Emulator:
     def __init__(self, args: argparse.Namespace):
         self.faults = DaytonaFaults.from_flags(args)
         self.max_live = args.max_live
+        # Daytona counts auto-stop in minutes; a test can make a "minute" short to watch an orphan die.
+        self.minute_s = float(getattr(args, "minute_s", 60.0))
         self.base = f"http://127.0.0.1:{args.port}"
         self.root = Path(tempfile.mkdtemp(prefix="daytona-emulator-"))
         self.local = get_backend("local", isolation=args.isolation, root=self.root)
@@ -178,6 +179,29 @@ class Emulator:
             sbx.local.destroy()
         return True
 
+    def idle_past_auto_stop(self, now: float) -> list[EmulatedSandbox]:
+        """Started sandboxes with no activity (API calls about them, toolbox requests) for their
+        auto-stop interval; 0 means never, as on Daytona. Processes inside do not count."""
+        with self.lock:
+            return [
+                s
+                for s in self.sandboxes.values()
+                if s.state == "started"
+                and (s.auto_stop or 0) > 0
+                and now - s.last_activity >= s.auto_stop * self.minute_s
+            ]
+
+    def auto_stop(self, sbx: EmulatedSandbox) -> None:
+        """Daytona's auto-stop: processes die; with auto-delete 0 the sandbox is deleted at once."""
+        if sbx.auto_delete == 0:
+            self.remove(sbx.id)
+            return
+        sbx.state = "stopped"
+        for cmd in sbx.commands():
+            cmd.finish(-1, close_code=1011)
+        with contextlib.suppress(SandboxError):
+            sbx.local.destroy()
+
     def die(self, sbx: EmulatedSandbox) -> None:
         """The emulated runner crashes: processes gone, state ``error``, commands end with -1."""
         sbx.state, sbx.error_reason = "error", "The sandbox's runner stopped unexpectedly (emulated fault)"
@@ -203,14 +227,8 @@ def running_sandbox(request: web.Request) -> EmulatedSandbox | web.Response:
 
 
 def kill_command(cmd: Command) -> None:
-    """Kill the processes of one running command (found by the variable the emulator gave it)."""
-    marker = f"{CMD_ENV}={cmd.id}".encode()
-    me = os.getpid()
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == me and marker in (entry / "environ").read_bytes().split(b"\0"):
-                kill_tree(int(entry.name))
+    """Kill the processes of one running command (the local sandbox's public per-command cancel)."""
+    cmd.cancel.set()
 
 
 def run_command(emu: Emulator, sbx: EmulatedSandbox, cmd: Command, cwd: str | None = None) -> None:
@@ -221,16 +239,21 @@ def run_command(emu: Emulator, sbx: EmulatedSandbox, cmd: Command, cwd: str | No
     cmd.stall = emu.faults.take("stall", cmd.command)
     command = cmd.command if cwd is None else f"cd {json.dumps(cwd)} && {cmd.command}"
     try:
-        # The primitive, not the public ``run``: that one re-splits output into lines, and the
-        # daemon forwards raw chunks.
-        code = sbx.local._run(
+        # Raw chunks, as the daemon forwards them (not lines).
+        code = sbx.local.run(
             command,
-            env={**sbx.local.spec.env, CMD_ENV: cmd.id},
-            timeout_s=None,
-            on_stdout=lambda text: cmd.feed(STDOUT, text),
-            on_stderr=lambda text: cmd.feed(STDERR, text),
-        )
+            on_output=lambda kind, text: cmd.feed(STDOUT if kind == "stdout" else STDERR, text),
+            cancel=cmd.cancel,
+        ).exit_code
     except SandboxError:
+        cmd.finish(-1, close_code=1011)
+    except OSError as e:
+        # The daemon's shell reads the command from its stdin, so the service never refuses one:
+        # bash fails to exec an oversized command line and the command ends with 126, as here.
+        cmd.feed(STDERR, f"bash: /bin/bash: {os.strerror(e.errno or 0)}\n")
+        cmd.finish(126)
+    except Exception as e:  # an emulator bug must still end the command, never leave it running
+        cmd.feed(STDERR, f"emulator error: {e}\n")
         cmd.finish(-1, close_code=1011)
     else:
         cmd.finish(-1 if sbx.state != "started" else code, close_code=1000 if sbx.state == "started" else 1011)

@@ -52,6 +52,7 @@ class Process:
     subscribers: list[queue.Queue[tuple[Any, ...]]] = field(default_factory=list)
     finished: tuple[Any, ...] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: SendSignal kills it
 
     def subscribe(self) -> queue.Queue[tuple[Any, ...]]:
         q: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -74,27 +75,15 @@ class Process:
                 q.put(event)
 
 
-def _wrapper(pid: int, argv: list[str], cwd: str) -> str:
+def _wrapper(argv: list[str], cwd: str) -> str:
     """The script the local sandbox runs for one envd process.
 
-    The real command runs as a child so that ``SendSignal`` can kill it: a watcher kills it when
-    its flag file appears (the local backend then kills whatever the command left behind).
     ``bash -l`` would source the host's login profile (the sandbox's /etc is the host's, read
     only): ``--noprofile`` keeps the login shell but not the host's PATH rewriting.
     """
     if argv and argv[0].endswith("bash") and "-l" in argv[1:]:
         argv = [argv[0], "--noprofile", *argv[1:]]
-    flag = f"{PRIVATE}/kill-{pid}"
-    return (
-        f"cd {shlex.quote(cwd)} || exit 1\n"
-        f"{shlex.join(argv)} &\n"
-        "child=$!\n"
-        f'( while [ ! -e {flag} ]; do sleep 0.1; done; kill -9 "$child" ) >/dev/null 2>&1 </dev/null &\n'
-        "watcher=$!\n"
-        'wait "$child"; code=$?\n'
-        'kill "$watcher" 2>/dev/null\n'
-        'exit "$code"\n'
-    )
+    return f"cd {shlex.quote(cwd)} || exit 1\n{shlex.join(argv)}\n"
 
 
 class EmulatedSandbox:
@@ -159,18 +148,18 @@ class EmulatedSandbox:
         self.processes[pid] = proc
         argv = [str(config.get("cmd") or "/bin/bash"), *(str(a) for a in config.get("args") or [])]
         env = {"HOME": HOME, "USER": "user", **self.env_vars, **dict(config.get("envs") or {})}
-        script = _wrapper(pid, argv, resolve(str(config.get("cwd") or HOME)))
-
-        def chunk(stream: str):
-            return lambda text: proc.publish((DATA, stream, text.encode()))
+        script = _wrapper(argv, resolve(str(config.get("cwd") or HOME)))
 
         def run() -> None:
             try:
-                # ``_run`` (the ABC primitive) hands over raw chunks as they arrive, like envd;
-                # the public ``run`` would regroup them into lines.
-                code = self.local._run(
-                    script, env=env, timeout_s=timeout_s, on_stdout=chunk("stdout"), on_stderr=chunk("stderr")
-                )
+                # Raw chunks as they arrive, as envd forwards them (not lines).
+                code = self.local.run(
+                    script,
+                    env=env,
+                    timeout_s=timeout_s or None,
+                    on_output=lambda stream, text: proc.publish((DATA, stream, text.encode())),
+                    cancel=proc.cancel,
+                ).exit_code
             except CommandTimeout:
                 proc.publish((DEADLINE,))
             except SandboxUnavailable:
@@ -190,9 +179,10 @@ class EmulatedSandbox:
 
     def signal(self, pid: int) -> bool:
         """SIGKILL (or SIGTERM, treated alike) a running process; False when there is no such pid."""
-        if pid not in self.processes:
+        proc = self.processes.get(pid)
+        if proc is None:
             return False
-        self.local.upload(b"", f"{PRIVATE}/kill-{pid}")
+        proc.cancel.set()
         return True
 
     # -- files -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from metaflow_extensions.sandbox.core import (
+    OWNER_LABEL,
     ConfigurationError,
     Resources,
     SandboxSpec,
@@ -18,7 +19,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 from metaflow_extensions.sandbox.daytona import DaytonaBackend
-from metaflow_extensions.sandbox.daytona.backend import OWNER_LABEL, TOKEN_LABEL
+from metaflow_extensions.sandbox.daytona.backend import TOKEN_LABEL
 
 
 @pytest.fixture
@@ -72,10 +73,21 @@ def test_image_snapshot_env_labels_network_and_lifetime(backend):
     assert type(params).__name__ == "CreateSandboxFromSnapshotParams" and params.snapshot is None
     assert params.env_vars == {"A": "1"} and params.network_block_all is True
     assert params.labels == {"flow": "F", OWNER_LABEL[0]: OWNER_LABEL[1], TOKEN_LABEL: "tok"}
-    # Auto-stop after the lifetime of inactivity (rounded up to minutes), then delete at once.
-    assert (params.auto_stop_interval, params.auto_delete_interval) == (61, 0)
+    # Auto-stop after the lease (default 300 s, not the whole lifetime) of inactivity, in whole
+    # minutes, then delete at once: an orphan dies within minutes.
+    assert (params.auto_stop_interval, params.auto_delete_interval) == (5, 0)
     image = backend.params(SandboxSpec(image="python:3.11"), "t")
     assert type(image).__name__ == "CreateSandboxFromImageParams" and image.image == "python:3.11"
+
+
+def test_the_lease_comes_from_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.setenv("DAYTONA_API_KEY", "k")
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "90")
+    params = get_backend("daytona").params(SandboxSpec(lifetime_s=3601), "t")
+    assert params.auto_stop_interval == 2
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "soon")
+    with pytest.raises(ConfigurationError, match="METAFLOW_SANDBOX_LEASE_S"):
+        get_backend("daytona")
 
 
 def test_snapshot_option_and_resources_warning(monkeypatch):
@@ -91,5 +103,8 @@ def test_missing_sdk_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "daytona", None)
     monkeypatch.setitem(sys.modules, "daytona_sdk", None)
     monkeypatch.setenv("DAYTONA_API_KEY", "k")
-    with pytest.raises(ConfigurationError, match="pip install metaflow-sandbox-daytona"):
+    # The SDK's own distribution and the range this package declares, not this package again.
+    with pytest.raises(ConfigurationError, match="the `daytona` distribution") as info:
         get_backend("daytona")
+    assert "pip install 'daytona>=0.150,<1'" in str(info.value)
+    assert "metaflow-sandbox-daytona" not in str(info.value)

@@ -17,7 +17,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxFileNotFound,
     TransientError,
 )
-from metaflow_extensions.sandbox.daytona.errors import call, download_error, status_of, translate
+from metaflow_extensions.sandbox.daytona.errors import TABLE, call, download_error, translate
 from metaflow_extensions.sandbox.daytona.sdk import load_sdk
 
 SDK, _ = load_sdk()
@@ -46,9 +46,9 @@ def test_connection_failures_are_transient():
 
 
 def test_status_only_in_the_message_of_older_sdks():
-    assert status_of(DaytonaError("Failed: (503)\nReason: Service Unavailable")) == 503
-    assert status_of(DaytonaError("Server error '502 Bad Gateway' for url 'http://x'")) == 502
-    assert status_of(DaytonaError("Total CPU quota exceeded. Maximum allowed: 400")) is None
+    assert TABLE.status_of(DaytonaError("Failed: (503)\nReason: Service Unavailable")) == 503
+    assert TABLE.status_of(DaytonaError("Server error '502 Bad Gateway' for url 'http://x'")) == 502
+    assert TABLE.status_of(DaytonaError("Total CPU quota exceeded. Maximum allowed: 400")) is None
 
 
 def test_rejected_key_is_final_and_says_what_to_do():

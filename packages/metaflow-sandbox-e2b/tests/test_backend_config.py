@@ -21,8 +21,9 @@ from metaflow_extensions.sandbox.core import (
     TransientError,
     get_backend,
 )
+from metaflow_extensions.sandbox.core.provider import release, supported_range
 from metaflow_extensions.sandbox.e2b import E2BBackend, E2BResourceWarning
-from metaflow_extensions.sandbox.e2b.errors import check_sdk_version, sdk_version
+from metaflow_extensions.sandbox.e2b.sdk import sdk_and_version
 
 KEY = "e2b_" + "0" * 40
 # Nothing listens here: a call that reaches the network fails fast with "connection refused".
@@ -82,8 +83,9 @@ def test_unreachable_api_is_transient_after_bounded_retries():
 
 
 def test_installed_sdk_is_supported():
-    assert sdk_version() >= (2, 7)
-    check_sdk_version()
+    # The range is the one the distribution declares, read from its installed metadata.
+    assert supported_range("metaflow-sandbox-e2b", "e2b") == ">=2.7,<3"
+    assert release(sdk_and_version()[1]) >= (2, 7)
 
 
 def test_missing_sdk_names_the_install_command():
@@ -110,7 +112,15 @@ def test_check_interval_and_template_from_the_environment(monkeypatch):
         get_backend("e2b", api_key=KEY)
 
 
-def test_sandbox_timeout_is_capped_to_what_every_plan_accepts():
+def test_sandbox_timeout_is_the_lease_not_the_lifetime(monkeypatch):
+    monkeypatch.delenv("METAFLOW_SANDBOX_LEASE_S", raising=False)
+    backend = get_backend("e2b", api_key=KEY)
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 300
+    assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120
+
+
+def test_sandbox_timeout_is_capped_to_what_every_plan_accepts(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", str(10**7))
     backend = get_backend("e2b", api_key=KEY)
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=5 * 24 * 3600)) == 3600
     assert backend.sandbox_timeout(SandboxSpec(lifetime_s=120)) == 120

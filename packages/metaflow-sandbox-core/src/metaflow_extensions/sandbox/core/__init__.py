@@ -7,7 +7,7 @@ Layer: core (bottom). Imports: the standard library only; never Metaflow, never 
         print(sbx.run("echo $A").stdout)
 """
 
-from .backend import Sandbox, SandboxBackend, destroy_all_live
+from .backend import LEASE_ENV, OWNER_LABEL, Sandbox, SandboxBackend, destroy_all_live, lease_s, owned_labels
 from .errors import (
     AuthenticationError,
     BackendNotFound,
@@ -27,6 +27,8 @@ from .spec import CommandResult, Resources, SandboxInfo, SandboxSpec
 __all__ = [
     "BACKEND_ENV",
     "ENTRY_POINT_GROUP",
+    "LEASE_ENV",
+    "OWNER_LABEL",
     "AuthenticationError",
     "BackendNotFound",
     "CommandResult",
@@ -49,4 +51,6 @@ __all__ = [
     "default_backend",
     "destroy_all_live",
     "get_backend",
+    "lease_s",
+    "owned_labels",
 ]

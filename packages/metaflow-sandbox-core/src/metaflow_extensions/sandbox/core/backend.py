@@ -14,8 +14,10 @@ import atexit
 import codecs
 import contextlib
 import os
+import shlex
 import tempfile
 import threading
+import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -23,12 +25,51 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from .errors import ConfigurationError, SandboxError, SandboxUnavailable
+from .errors import CommandTimeout, ConfigurationError, SandboxError, SandboxUnavailable
 from .options import Option
 from .spec import CommandResult, SandboxInfo, SandboxSpec, check_env
 
+OWNER_LABEL: tuple[str, str] = ("created-by", "metaflow-sandbox")
+"""The label (key, value) every sandbox this library creates carries, on every backend.
+
+``SandboxBackend.list`` reports only sandboxes carrying it, so a provider account's other sandboxes
+(made by hand, by another tool) are never listed, nor removed by ``sandbox kill``. ``owned_labels``
+adds it to a spec's labels.
+"""
+
+
+def owned_labels(labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``labels`` plus ``OWNER_LABEL``: what a backend attaches at create and filters on in ``list``."""
+    return {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
+
+
+LEASE_ENV = "METAFLOW_SANDBOX_LEASE_S"
+DEFAULT_LEASE_S = 300.0
+
+
+def lease_s() -> float:
+    """How long a provider sandbox outlives its owner: the lease its live owner keeps renewing
+    (``$METAFLOW_SANDBOX_LEASE_S``, default 300 s). A sandbox whose owner vanished (SIGKILL, a lost
+    machine) is reclaimed by the provider within about this long."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigurationError(
+            f"${LEASE_ENV} must be a positive number of seconds; got {raw!r}.",
+            remedy=f"Unset it (default {DEFAULT_LEASE_S:.0f} s) or export {LEASE_ENV}=300.",
+        )
+    return value
+
+
 LineCallback = Callable[[str], None]
 """Receives one line of output, without its trailing newline."""
+OutputCallback = Callable[[str, str], None]
+"""Receives ``("stdout" | "stderr", chunk)``: raw output as it arrives, chunks of any size."""
 
 # Every sandbox handle not yet destroyed, so that none outlives the process that created it
 # (normal exit or an unhandled exception, e.g. KeyboardInterrupt outside a ``with`` block).
@@ -89,6 +130,29 @@ class ByteDecoder:
         self._sink(self._decoder.decode(b"", final=True))
 
 
+def cancellable(command: str, flag: str) -> str:
+    """``command`` run so that creating the file ``flag`` (relative to the working directory)
+    kills it and every process it started (its own process group), from any other connection.
+
+    Only a file is shared between two commands on every backend (a second command may live in
+    another pid namespace), so the cancel is a file the caller uploads.
+    """
+    return "\n".join(
+        [
+            f'flag="$PWD"/{shlex.quote(flag)}',
+            "set -m",  # job control: the command gets a process group of its own, to kill whole
+            f"bash -c {shlex.quote(command)} &",
+            "child=$!",
+            "set +m",
+            '( while [ ! -e "$flag" ]; do sleep 0.1; done; kill -KILL -- "-$child" ) >/dev/null 2>&1 </dev/null &',
+            "watcher=$!",
+            'wait "$child"; code=$?',
+            'kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null; rm -f "$flag"',
+            'exit "$code"',
+        ]
+    )
+
+
 class Sandbox(ABC):
     """A live sandbox. Use it as a context manager: leaving the block destroys it, errors included.
 
@@ -96,14 +160,32 @@ class Sandbox(ABC):
     sandbox's working directory, the same one on every backend.
     """
 
-    def __init__(self, sandbox_id: str, backend: str, spec: SandboxSpec):
+    def __init__(self, sandbox_id: str, backend: str, spec: SandboxSpec, *, lease_s: float | None = None):
+        """``lease_s``: the sandbox's provider-side lifetime, which this handle renews (through
+        ``_renew_lease``) every third of it from a daemon thread until it is destroyed; ``None``:
+        nothing to renew (the sandbox lives as long as its owner, e.g. ``local``)."""
         self.id = sandbox_id
         self.backend = backend
         self.spec = spec
         self._destroyed = False
         self._destroy_lock = threading.Lock()
+        self._lease_stop = threading.Event()
         with _LIVE_LOCK:
             _LIVE.add(self)
+        if lease_s is not None:
+            threading.Thread(
+                target=self._keep_lease, args=(lease_s / 3,), daemon=True, name=f"lease-{backend}-{sandbox_id}"
+            ).start()
+
+    def _keep_lease(self, every_s: float) -> None:
+        # A daemon thread: it dies with its owner, and then so does the lease.
+        while not self._lease_stop.wait(every_s):
+            try:
+                self._renew_lease()
+            except SandboxUnavailable:
+                return  # gone: nothing left to renew
+            except SandboxError:
+                continue  # the next beat retries; the lease has two more thirds to go
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend}:{self.id}>"
@@ -126,20 +208,58 @@ class Sandbox(ABC):
         env: Mapping[str, str] | None = None,
         on_stdout: LineCallback | None = None,
         on_stderr: LineCallback | None = None,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> CommandResult:
         """Run ``command`` with bash in the working directory; stream its output line by line.
 
         ``env`` adds to the spec's environment for this command only. A non-zero exit is returned,
         not raised; ``CommandTimeout`` is raised when ``timeout_s`` passes (the process tree is
-        killed first), ``SandboxUnavailable`` when the sandbox dies underneath the command.
+        killed first) and carries the output produced until then, ``SandboxUnavailable`` when the
+        sandbox dies underneath the command. ``on_output`` receives the raw chunks as they arrive
+        (for relaying output as is, e.g. a daemon forwarding bytes), before they are split in lines.
+        Setting ``cancel`` (from any thread) kills the command and everything it started; ``run``
+        then returns its result (exit code 137, killed by SIGKILL).
         """
         self._check_alive()
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigurationError(f"timeout_s must be positive or None; got {timeout_s!r}.")
         out, err = LineSplitter(on_stdout), LineSplitter(on_stderr)
         merged_env = {**self.spec.env, **check_env(env or {}, "Sandbox.run(env=...)")}
-        exit_code = self._run(command, env=merged_env, timeout_s=timeout_s, on_stdout=out.feed, on_stderr=err.feed)
+        feed_out, feed_err = out.feed, err.feed
+        if on_output is not None:
+
+            def feed_out(chunk: str) -> None:
+                on_output("stdout", chunk)
+                out.feed(chunk)
+
+            def feed_err(chunk: str) -> None:
+                on_output("stderr", chunk)
+                err.feed(chunk)
+
+        finished = threading.Event()
+        if cancel is not None:
+            flag = f".mfsbx-cancel-{uuid.uuid4().hex[:16]}"
+            command = cancellable(command, flag)
+            threading.Thread(target=self._cancel_when, args=(cancel, finished, flag), daemon=True).start()
+        try:
+            exit_code = self._run(command, env=merged_env, timeout_s=timeout_s, on_stdout=feed_out, on_stderr=feed_err)
+        except CommandTimeout as e:
+            # The output so far is the base's to give, the same way on every backend.
+            e.stdout, e.stderr = out.close(), err.close()
+            raise
+        finally:
+            finished.set()
         return CommandResult(exit_code=exit_code, stdout=out.close(), stderr=err.close())
+
+    def _cancel_when(self, cancel: threading.Event, finished: threading.Event, flag: str) -> None:
+        while not finished.is_set():
+            if cancel.wait(0.1):
+                if not finished.is_set():
+                    # A sandbox destroyed meanwhile has nothing left to cancel.
+                    with contextlib.suppress(SandboxError):
+                        self.upload(b"", flag)
+                return
 
     def upload(self, src: bytes | str | os.PathLike[str], dst: str) -> None:
         """Copy bytes, or a local file by path, to ``dst`` in the sandbox (parents are created)."""
@@ -174,6 +294,7 @@ class Sandbox(ABC):
         with self._destroy_lock:
             if self._destroyed:
                 return
+            self._lease_stop.set()
             self._destroy()
             self._destroyed = True
         with _LIVE_LOCK:
@@ -215,6 +336,10 @@ class Sandbox(ABC):
     def _destroy(self) -> None:
         """Remove the sandbox at the provider; an already-gone sandbox is not an error."""
 
+    def _renew_lease(self) -> None:  # noqa: B027 - optional hook: only leased sandboxes implement it
+        """Push the provider-side lifetime forward by the lease (called from the lease thread when
+        the sandbox was made with ``lease_s``); raise ``SandboxUnavailable`` when it is gone."""
+
 
 class SandboxBackend(ABC):
     """A provider of sandboxes. ``get_backend(name, **options)`` constructs one.
@@ -242,7 +367,8 @@ class SandboxBackend(ABC):
 
     @abstractmethod
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
-        """Live sandboxes of this backend carrying all of ``labels``."""
+        """Live sandboxes of this backend that this library created (carrying ``OWNER_LABEL``, which
+        ``create`` attaches) and all of ``labels``; never a sandbox made otherwise at the provider."""
 
     @abstractmethod
     def destroy(self, sandbox_id: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import re
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 from .backend import SandboxBackend
 from .errors import BackendNotFound, ConfigurationError, SandboxError
+from .provider import requirements, satisfies
 from .registry import BACKEND_ENV, ENTRY_POINT_GROUP, backend_class, default_backend, get_backend
 from .spec import SandboxSpec
 
@@ -56,64 +56,11 @@ class Finding:
         return self.status == "fail"
 
 
-# -- version ranges (the standard library has no ``packaging``) -------------------------------------
-
-_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*\(?([^;()]*)\)?\s*(?:;(.*))?$")
-_CLAUSE = re.compile(r"^\s*(~=|===|==|!=|<=|>=|<|>)\s*([^\s,]+)\s*$")
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The release part of a version (``2.19.39`` -> (2, 19, 39)); pre/post/dev suffixes are ignored."""
-    match = re.match(r"\d+(?:\.\d+)*", version.strip())
-    return tuple(int(part) for part in match.group(0).split(".")) if match else (0,)
-
-
-def _cmp(left: tuple[int, ...], right: tuple[int, ...]) -> int:
-    width = max(len(left), len(right))
-    a, b = left + (0,) * (width - len(left)), right + (0,) * (width - len(right))
-    return (a > b) - (a < b)
-
-
-def satisfies(version: str, specifier: str) -> bool:
-    """Whether ``version`` is in ``specifier`` (e.g. ``>=0.150,<1``), comparing release numbers."""
-    have = _release(version)
-    for clause in filter(None, (part.strip() for part in specifier.split(","))):
-        match = _CLAUSE.match(clause)
-        if match is None:
-            raise ValueError(f"Cannot read the version clause {clause!r}.")
-        op, wanted = match.groups()
-        if op in ("==", "!=") and wanted.endswith(".*"):
-            prefix = _release(wanted[:-2])
-            equal = have[: len(prefix)] == prefix
-            ok = equal if op == "==" else not equal
-        elif op == "~=":
-            base = _release(wanted)
-            ok = _cmp(have, base) >= 0 and have[: len(base) - 1] == base[:-1]
-        else:
-            order = _cmp(have, _release(wanted))
-            ok = {
-                "==": order == 0,
-                "===": order == 0,
-                "!=": order != 0,
-                "<": order < 0,
-                "<=": order <= 0,
-                ">": order > 0,
-                ">=": order >= 0,
-            }[op]
-        if not ok:
-            return False
-    return True
-
-
 def requirement_findings(dist: str, label: str, aliases: Mapping[str, str] | None = None) -> list[Finding]:
     """Each third-party requirement ``dist`` declares (``Requires-Dist``, extras left out) against
     the version installed; ``aliases``: another name a requirement may be installed under."""
     findings = []
-    for line in importlib.metadata.requires(dist) or []:
-        match = _REQUIREMENT.match(line)
-        if match is None:
-            continue
-        name, specifier, marker = match.group(1), match.group(2).strip(), match.group(3) or ""
+    for name, specifier, marker in requirements(dist):
         if name.lower().startswith(OWN_PREFIX) or "extra" in marker:
             continue
         wanted = f"{name}{specifier}"

@@ -1,7 +1,7 @@
 """The ``daytona`` backend: core's ``SandboxBackend``/``Sandbox`` on the official Daytona SDK.
 
 Layer: backend. Imports: the standard library, core, and this package (``sdk``, ``errors``,
-``commands``). The SDK itself is imported lazily through ``sdk.load_sdk``.
+``commands``, ``transfer``). The SDK itself is imported lazily through ``sdk.load_sdk``.
 
 How the core spec maps onto Daytona (details in the package README):
 
@@ -10,9 +10,10 @@ How the core spec maps onto Daytona (details in the package README):
 - resources → whole vCPUs and GiB, rounded up (``memory_mb=1500`` → 2 GiB); Daytona sizes
   snapshot sandboxes by the snapshot, so resources only apply with an image.
 - ``network=False`` → ``network_block_all``; ``env`` → the sandbox's env and every command's.
-- ``lifetime_s`` → auto-stop after that much inactivity, then immediate auto-delete: the backstop
-  when the launcher dies. While a handle is alive a keepalive refreshes the sandbox's activity, so
-  a long step is never auto-stopped (processes inside do not count as activity on Daytona).
+- the lease (``$METAFLOW_SANDBOX_LEASE_S``, at most ``lifetime_s``) → auto-stop after that much
+  inactivity (whole minutes), then immediate auto-delete: an orphan dies within minutes. While a
+  handle is alive, core's lease thread refreshes the sandbox's activity (``_renew_lease``), so a
+  long step is never auto-stopped (processes inside do not count as activity on Daytona).
 """
 
 from __future__ import annotations
@@ -40,18 +41,20 @@ from metaflow_extensions.sandbox.core import (
     SandboxSpec,
     SandboxUnavailable,
     TransientError,
+    lease_s,
+    owned_labels,
 )
-from metaflow_extensions.sandbox.core.retry import backoff_delays
+from metaflow_extensions.sandbox.core.retry import create_with_reconcile
 
+from . import transfer
 from .commands import SessionCommand, wrap
-from .errors import KEYS_URL, call, download_error, is_not_found
+from .errors import KEYS_URL, call, is_not_found
 from .sdk import load_sdk
 
-OWNER_LABEL = ("created-by", "metaflow-sandbox")
-"""Every sandbox we create carries it; ``list`` only ever reports (and ``kill`` removes) those."""
 TOKEN_LABEL = "metaflow-sandbox-create-token"
 """Unique per create call: finds the sandbox of a create whose answer was lost."""
 _GONE_STATES = {"destroyed", "destroying"}
+DEFAULT_API_URL = "https://app.daytona.io/api"
 
 
 def _gib(megabytes: int | None) -> int | None:
@@ -67,20 +70,14 @@ class DaytonaSandbox(Sandbox):
     """A running Daytona sandbox (wraps the SDK's ``Sandbox``)."""
 
     def __init__(self, backend: DaytonaBackend, sdk_sandbox: Any, spec: SandboxSpec):
-        super().__init__(str(sdk_sandbox.id), "daytona", spec)
         self._backend = backend
         self._sdk_sandbox = sdk_sandbox
         self._workdir: str | None = None
-        self._stop_keepalive = threading.Event()
-        interval = max(5.0, min(60.0, spec.lifetime_s / 3))
-        threading.Thread(target=self._keepalive, args=(interval,), daemon=True, name=f"keepalive-{self.id}").start()
+        super().__init__(str(sdk_sandbox.id), "daytona", spec, lease_s=backend.lease_for(spec))
 
-    def _keepalive(self, interval: float) -> None:
-        while not self._stop_keepalive.wait(interval):
-            try:
-                self._call("refreshing activity", self._sdk_sandbox.refresh_activity, retry=False)
-            except SandboxError:
-                continue  # the next beat retries; auto-stop is minutes away
+    def _renew_lease(self) -> None:
+        # Activity resets the auto-stop countdown (processes inside do not count on Daytona).
+        self._call("refreshing activity", self._sdk_sandbox.refresh_activity, retry=False)
 
     def _call(self, what: str, fn: Callable[[], Any], retry: bool = True) -> Any:
         return call(what, fn, retry=retry, sandbox_id=self.id)
@@ -110,16 +107,6 @@ class DaytonaSandbox(Sandbox):
         on_stdout: Callable[[str], None],
         on_stderr: Callable[[str], None],
     ) -> int:
-        out: list[str] = []
-        err: list[str] = []
-
-        def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
-            def both(chunk: str) -> None:
-                keep.append(chunk)
-                sink(chunk)
-
-            return both
-
         cmd = SessionCommand(self._sdk_sandbox, self._backend._sdk, self.id, self._ensure_alive)
         try:
             cmd.start(wrap(command, env, self._work_dir(), cmd.key))
@@ -127,9 +114,7 @@ class DaytonaSandbox(Sandbox):
             if not e.transient:
                 self._ensure_alive()  # a vanished sandbox is SandboxUnavailable, not a bare error
             raise
-        follower = threading.Thread(
-            target=cmd.follow, args=(tee(on_stdout, out), tee(on_stderr, err)), daemon=True, name=f"logs-{cmd.key}"
-        )
+        follower = threading.Thread(target=cmd.follow, args=(on_stdout, on_stderr), daemon=True, name=f"logs-{cmd.key}")
         follower.start()
         try:
             finished = self._wait(cmd, timeout_s)
@@ -141,8 +126,6 @@ class DaytonaSandbox(Sandbox):
             raise CommandTimeout(
                 f"Command timed out after {timeout_s} s in Daytona sandbox {self.id}; its processes were killed.",
                 timeout_s=timeout_s or 0.0,
-                stdout="".join(out),
-                stderr="".join(err),
                 sandbox_id=self.id,
             )
         try:
@@ -168,23 +151,12 @@ class DaytonaSandbox(Sandbox):
                 return True
 
     def _upload(self, src: Path, dst: str) -> None:
-        # A path (not bytes) makes the SDK stream the file from disk.
-        self._call(f"upload to {dst!r}", lambda: self._sdk_sandbox.fs.upload_file(str(src), dst))
+        transfer.upload(self._sdk_sandbox, src, dst, self.id)
 
     def _download(self, src: str, dst: Path) -> None:
-        def fetch() -> None:
-            try:
-                # With a local path the SDK streams the multipart answer straight into the file.
-                self._sdk_sandbox.fs.download_file(src, str(dst))
-            except SandboxError:
-                raise
-            except Exception as e:
-                raise download_error(e, src, self.id) from e
-
-        self._call(f"download of {src!r}", fetch)
+        transfer.download(self._sdk_sandbox, src, dst, self.id)
 
     def _destroy(self) -> None:
-        self._stop_keepalive.set()
 
         def delete() -> None:
             try:
@@ -240,7 +212,9 @@ class DaytonaBackend(SandboxBackend):
         check_interval_s: float = 15,
     ):
         self._sdk, self.sdk_version = load_sdk()
-        self.api_key = api_key or os.environ.get("DAYTONA_API_KEY")
+        self.lease_s = lease_s()
+        # Options arrive resolved by ``get_backend`` (coerced, environment defaults filled in).
+        self.api_key = api_key
         self._jwt = os.environ.get("DAYTONA_JWT_TOKEN")
         self._org = os.environ.get("DAYTONA_ORGANIZATION_ID")
         if not self.api_key and not (self._jwt and self._org):
@@ -248,14 +222,10 @@ class DaytonaBackend(SandboxBackend):
                 "The daytona backend needs a Daytona API key and DAYTONA_API_KEY is not set.",
                 remedy=f"Create a key at {KEYS_URL}, then: export DAYTONA_API_KEY=...",
             )
-        self.api_url = api_url or os.environ.get("DAYTONA_API_URL") or None
-        self.target = target or os.environ.get("DAYTONA_TARGET") or None
+        self.api_url = api_url or None
+        self.target = target or None
         self.snapshot = snapshot
-        if not (isinstance(create_timeout_s, (int, float)) and create_timeout_s > 0):
-            raise ConfigurationError(f"create_timeout_s must be a positive number; got {create_timeout_s!r}.")
         self.create_timeout_s = float(create_timeout_s)
-        if not (isinstance(check_interval_s, (int, float)) and check_interval_s > 0):
-            raise ConfigurationError(f"check_interval_s must be a positive number; got {check_interval_s!r}.")
         self.check_interval_s = float(check_interval_s)
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -265,6 +235,10 @@ class DaytonaBackend(SandboxBackend):
         # can trip the import system's deadlock detection).
         self._prefetch = threading.Thread(target=getattr, args=(self._sdk, "Daytona", None), daemon=True)
         self._prefetch.start()
+
+    def _api(self, what: str, fn: Callable[[], Any], *, retry: bool = True) -> Any:
+        """A control-plane call: an unreachable API is reported naming its URL and DAYTONA_API_URL."""
+        return call(what, fn, retry=retry, endpoint=self.api_url or DEFAULT_API_URL)
 
     @property
     def client(self) -> Any:
@@ -278,10 +252,14 @@ class DaytonaBackend(SandboxBackend):
                     target=self.target,
                     **({"jwt_token": self._jwt, "organization_id": self._org} if not self.api_key else {}),
                 )
-                self._client = call("connecting", lambda: self._sdk.Daytona(config), retry=False)
+                self._client = self._api("connecting", lambda: self._sdk.Daytona(config), retry=False)
             return self._client
 
     # -- create ----------------------------------------------------------------------------------
+
+    def lease_for(self, spec: SandboxSpec) -> float:
+        """The provider-side lifetime a live handle keeps renewing (``core.backend.lease_s``)."""
+        return min(self.lease_s, spec.lifetime_s)
 
     def params(self, spec: SandboxSpec, token: str) -> Any:
         """The SDK's create parameters for ``spec`` (see the module docstring for the mapping)."""
@@ -289,8 +267,9 @@ class DaytonaBackend(SandboxBackend):
         sdk = self._sdk
         common: dict[str, Any] = {
             "env_vars": dict(spec.env),
-            "labels": {**spec.labels, OWNER_LABEL[0]: OWNER_LABEL[1], TOKEN_LABEL: token},
-            "auto_stop_interval": max(1, math.ceil(spec.lifetime_s / 60)),
+            "labels": {**owned_labels(spec.labels), TOKEN_LABEL: token},
+            # The lease, in Daytona's whole minutes: an orphan stops (then is deleted) that soon.
+            "auto_stop_interval": max(1, math.ceil(self.lease_for(spec) / 60)),
             "auto_delete_interval": 0,
         }
         if not spec.network:
@@ -314,29 +293,28 @@ class DaytonaBackend(SandboxBackend):
     def create(self, spec: SandboxSpec) -> DaytonaSandbox:
         token = uuid.uuid4().hex
         params = self.params(spec, token)
-        delays = backoff_delays(5, 0.5, 8.0)
-        while True:
-            try:
-                created = call("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
-                return DaytonaSandbox(self, created, spec)
-            except TransientError:
-                # Creating is not idempotent: a lost answer may hide a sandbox. Adopt it, if any.
-                found = self._by_token(token)
-                if found is not None and _state(found) == "started":
-                    return DaytonaSandbox(self, found, spec)
-                if found is not None:
-                    self._delete_quietly(found)
-                if not delays:
-                    raise
-                threading.Event().wait(delays.pop(0))
-            except SandboxError as e:
-                # A failed build or start leaves a sandbox behind at Daytona: remove it.
-                leftover = self._by_token(token, quiet=True)
-                if leftover is not None:
-                    self._delete_quietly(leftover)
-                if "build" in str(e).lower() and not isinstance(e, ImageError):
-                    raise ImageError(e.message, remedy="Check that the image builds and starts.") from e
-                raise
+
+        def adopt() -> DaytonaSandbox | None:
+            # Creating is not idempotent: a lost answer may hide a sandbox. Adopt it, if it started.
+            found = self._by_token(token)
+            if found is not None and _state(found) != "started":
+                self._delete_quietly(found)
+                found = None
+            return None if found is None else DaytonaSandbox(self, found, spec)
+
+        try:
+            return create_with_reconcile(lambda: DaytonaSandbox(self, self._create_once(params), spec), adopt)
+        except SandboxError as e:
+            # A failed build or start leaves a sandbox behind at Daytona: remove it.
+            leftover = self._by_token(token, quiet=True)
+            if leftover is not None:
+                self._delete_quietly(leftover)
+            if "build" in str(e).lower() and not isinstance(e, (ImageError, TransientError)):
+                raise ImageError(e.message, remedy="Check that the image builds and starts.") from e
+            raise
+
+    def _create_once(self, params: Any) -> Any:
+        return self._api("create", lambda: self.client.create(params, timeout=self.create_timeout_s), retry=False)
 
     def _by_token(self, token: str, quiet: bool = False) -> Any:
         try:
@@ -349,7 +327,7 @@ class DaytonaBackend(SandboxBackend):
 
     def _delete_quietly(self, sdk_sandbox: Any) -> None:
         with contextlib.suppress(SandboxError):
-            call("deleting a sandbox", sdk_sandbox.delete)
+            self._api("deleting a sandbox", sdk_sandbox.delete)
 
     # -- list / destroy --------------------------------------------------------------------------
 
@@ -358,11 +336,11 @@ class DaytonaBackend(SandboxBackend):
         client, sdk = self.client, self._sdk
         wanted = dict(labels)
         if hasattr(sdk, "ListSandboxesQuery"):
-            return list(call("list", lambda: list(client.list(sdk.ListSandboxesQuery(labels=wanted)))))
+            return list(self._api("list", lambda: list(client.list(sdk.ListSandboxesQuery(labels=wanted)))))
         found: list[Any] = []
         page = 1
         while True:
-            result = call("list", lambda: client.list(labels=wanted, page=page, limit=100))  # noqa: B023
+            result = self._api("list", lambda: client.list(labels=wanted, page=page, limit=100))  # noqa: B023
             if isinstance(result, list):  # releases without pagination
                 return result
             found += list(result.items)
@@ -371,7 +349,7 @@ class DaytonaBackend(SandboxBackend):
             page += 1
 
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
-        wanted = {**(labels or {}), OWNER_LABEL[0]: OWNER_LABEL[1]}
+        wanted = owned_labels(labels)
         return sorted(
             (
                 SandboxInfo(id=str(s.id), backend=self.name, labels=dict(s.labels or {}))
@@ -384,7 +362,7 @@ class DaytonaBackend(SandboxBackend):
     def _state_of(self, sandbox_id: str) -> tuple[str, str]:
         """``(state, error reason)`` of a sandbox; ``("", "")`` when Daytona no longer knows it."""
         try:
-            found = call("reading the sandbox state", lambda: self.client.get(sandbox_id))
+            found = self._api("reading the sandbox state", lambda: self.client.get(sandbox_id))
         except SandboxError as e:
             if is_not_found(e.__cause__ or e):
                 return "", ""
@@ -393,7 +371,7 @@ class DaytonaBackend(SandboxBackend):
 
     def destroy(self, sandbox_id: str) -> None:
         try:
-            found = call("finding the sandbox", lambda: self.client.get(sandbox_id))
+            found = self._api("finding the sandbox", lambda: self.client.get(sandbox_id))
         except SandboxError as e:
             if is_not_found(e.__cause__ or e):
                 return
@@ -408,4 +386,4 @@ class DaytonaBackend(SandboxBackend):
                 if not is_not_found(e):
                     raise
 
-        call("deleting the sandbox", delete)
+        self._api("deleting the sandbox", delete)

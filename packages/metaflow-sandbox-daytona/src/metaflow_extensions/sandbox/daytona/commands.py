@@ -1,6 +1,6 @@
 """Running one command in a Daytona sandbox: an async session command with its logs followed.
 
-Layer: backend. Imports: the standard library and core (``errors``, ``retry``) and this package's
+Layer: backend. Imports: the standard library, core (``errors``, ``retry``) and this package's
 ``errors``. The SDK objects arrive as arguments.
 
 Each command gets its own session (sessions run one command at a time; a fresh one also makes
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from metaflow_extensions.sandbox.core import SandboxError, SandboxUnavailable, TransientError
-from metaflow_extensions.sandbox.core.retry import backoff_delays
+from metaflow_extensions.sandbox.core.retry import create_with_reconcile
 
 from .errors import call, is_conflict
 
@@ -127,21 +127,17 @@ class SessionCommand:
 
         self._call("creating a session", create_session)
         request = self.sdk.SessionExecuteRequest(command=script, run_async=True)
-        delays = backoff_delays(6, 0.25, 8.0)
-        while True:
-            try:
-                self.cmd_id = str(self._call("starting a command", lambda: process.execute_session_command(
-                    self.session, request).cmd_id, retry=False))  # fmt: skip
-                return
-            except TransientError:
-                if not delays:
-                    raise
-                time.sleep(delays.pop(0))
-                # Never start the command twice: the session is ours alone, so a command in it is ours.
-                commands = self._call("checking the session", lambda: process.get_session(self.session).commands)
-                if commands:
-                    self.cmd_id = str(commands[0].id)
-                    return
+
+        def started() -> str | None:
+            # Never start the command twice: the session is ours alone, so a command in it is ours.
+            commands = self._call("checking the session", lambda: process.get_session(self.session).commands)
+            return str(commands[0].id) if commands else None
+
+        self.cmd_id = create_with_reconcile(
+            lambda: str(self._call("starting a command", lambda: process.execute_session_command(
+                self.session, request).cmd_id, retry=False)),
+            started, attempts=6, base_s=0.25,
+        )  # fmt: skip
 
     def follow(self, on_stdout: Callable[[str], None], on_stderr: Callable[[str], None]) -> None:
         """Deliver output and set ``exit_code`` (or ``failure``); runs in its own thread."""

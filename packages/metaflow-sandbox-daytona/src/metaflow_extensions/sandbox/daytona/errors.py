@@ -1,6 +1,6 @@
-"""Translating Daytona SDK exceptions into core errors; retrying the idempotent calls.
+"""Daytona's exceptions as core errors: the declared table the provider kit translates with.
 
-Layer: backend. Imports: the standard library and core (``errors``, ``retry``).
+Layer: backend. Imports: the standard library and core (``errors``, ``provider``).
 
 The SDK raises ``DaytonaError`` subclasses (older releases: ``DaytonaError`` with a status code,
 or only a message), and transport exceptions (httpx, urllib3, aiohttp, websockets) underneath.
@@ -11,7 +11,7 @@ Callers never see any of them: rate limits, 5xx answers and dropped connections 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 from metaflow_extensions.sandbox.core import (
@@ -22,149 +22,91 @@ from metaflow_extensions.sandbox.core import (
     SandboxFileNotFound,
     TransientError,
 )
-from metaflow_extensions.sandbox.core.retry import with_retries
+from metaflow_extensions.sandbox.core.provider import ErrorRule, ErrorTable, Transport, class_names
 
 T = TypeVar("T")
 
 KEYS_URL = "https://app.daytona.io/dashboard/keys"
-_TRANSPORT_NAMES = (
-    "Connect",  # ConnectionError, ConnectError, ClientConnectionError, NewConnectionError...
-    "Timeout",
-    "RemoteDisconnected",
-    "ProtocolError",
-    "MaxRetryError",
-    "ReadError",
-    "WriteError",
-    "ServerDisconnected",
-    "WebSocketDisconnect",
-    "ConnectionClosed",
-    "IncompleteRead",
+URL_ENV = "DAYTONA_API_URL"
+KEY_REMEDY = f"Check DAYTONA_API_KEY; create a key at {KEYS_URL} and export DAYTONA_API_KEY=<key>."
+IMAGE_REMEDY = (
+    "Check the image name (a registry image Daytona can pull) or the snapshot name (`daytona snapshot list`, "
+    "or the dashboard)."
 )
-# Status codes as older SDKs only print them: "(503)" (OpenAPI) or "'503 Service Unavailable'" (httpx).
-_STATUS_IN_TEXT = re.compile(r"\((\d{3})\)|'(\d{3}) [A-Z]")
 
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__]
-
-
-def status_of(error: BaseException) -> int | None:
-    """The HTTP status behind ``error`` (or anything it was raised from), if there was one."""
-    for current in _chain(error):
-        for attr in ("status_code", "status"):
-            value = getattr(current, attr, None)
-            if isinstance(value, int) and 100 <= value < 600:
-                return value
-        response = getattr(current, "response", None)
-        value = getattr(response, "status_code", None)
-        if isinstance(value, int):
-            return value
-    for current in _chain(error):
-        found = _STATUS_IN_TEXT.search(str(current))
-        if found:
-            return int(found.group(1) or found.group(2))
-    return None
-
-
-def _class_names(error: BaseException) -> list[str]:
-    return [cls.__name__ for current in _chain(error) for cls in type(current).__mro__]
+TABLE = ErrorTable(
+    provider="Daytona",
+    url_env=URL_ENV,
+    transport=Transport(
+        names=(
+            "Connect",  # ConnectionError, ConnectError, ClientConnectionError, NewConnectionError...
+            "Timeout",
+            "RemoteDisconnected",
+            "ProtocolError",
+            "MaxRetryError",
+            "ReadError",
+            "WriteError",
+            "ServerDisconnected",
+            "WebSocketDisconnect",
+            "ConnectionClosed",
+            "IncompleteRead",
+        ),
+        texts=("connection refused", "connection reset", "server disconnected", "timed out"),
+    ),
+    # Status codes as older SDKs only print them: "(503)" (OpenAPI) or "'503 Service Unavailable'" (httpx).
+    status_patterns=(re.compile(r"\((\d{3})\)|'(\d{3}) [A-Z]"),),
+    rules=(
+        ErrorRule(AuthenticationError, statuses=(401,), note="the API key was rejected", remedy=KEY_REMEDY),
+        ErrorRule(AuthenticationError, names=("DaytonaAuthenticationError",), note="the API key was rejected",
+                  remedy=KEY_REMEDY),
+        ErrorRule(SandboxError, names=("DaytonaTimeoutError",), contexts=("create",),
+                  remedy="Creating (for an image: building) the sandbox took longer than create_timeout_s; raise "
+                  "it, or start from a snapshot."),
+        # Before the quota rule: "rate limit exceeded" is a 429 to wait out, not a quota.
+        ErrorRule(TransientError, statuses=(408, 429, *range(500, 600))),
+        ErrorRule(TransientError, transport=True),
+        ErrorRule(QuotaExceeded, texts=("quota", "limit exceeded", "limit reached"),
+                  remedy="Destroy sandboxes you no longer need (`python flow.py sandbox kill`, or the Daytona "
+                  "dashboard: stopped sandboxes count too) or raise your organization's limits."),
+        ErrorRule(AuthenticationError, statuses=(403,), note="forbidden",
+                  remedy=f"The API key lacks a permission this needs; create one with sandbox access at {KEYS_URL}."),
+        ErrorRule(ImageError, statuses=(400, 404, 422), contexts=("create",), remedy=IMAGE_REMEDY),
+        ErrorRule(ImageError, texts=("snapshot", "image", "build", "pull"), contexts=("create",), remedy=IMAGE_REMEDY),
+    ),
+)  # fmt: skip
 
 
 def is_not_found(error: BaseException) -> bool:
-    if status_of(error) == 404 or any("NotFound" in name for name in _class_names(error)):
+    if TABLE.is_not_found(error):
         return True
     text = str(error).lower()
     return "not found" in text or "file_not_found" in text or "no such file" in text
 
 
 def is_conflict(error: BaseException) -> bool:
-    return status_of(error) == 409 or "already exists" in str(error).lower()
+    return TABLE.status_of(error) == 409 or "already exists" in str(error).lower()
 
 
-def is_transport(error: BaseException) -> bool:
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    names = _class_names(error)
-    if any(marker in name for name in names for marker in _TRANSPORT_NAMES):
-        return True
-    text = str(error).lower()
-    return any(
-        marker in text for marker in ("connection refused", "connection reset", "server disconnected", "timed out")
-    )
+def translate(
+    error: BaseException, what: str, *, sandbox_id: str | None = None, endpoint: str | None = None
+) -> SandboxError:
+    """The core error for a provider exception raised while doing ``what`` (``"create"``: creating);
+    ``endpoint``: the API's URL, when the call went to the API."""
+    return TABLE.translate(error, what, context=what, sandbox_id=sandbox_id, endpoint=endpoint)
 
 
-def translate(error: BaseException, what: str, *, sandbox_id: str | None = None) -> SandboxError:  # noqa: PLR0911 - one flat table
-    """The core error for a provider exception raised while doing ``what``."""
-    if isinstance(error, SandboxError):
-        return error
-    message = f"Daytona: {what} failed: {error}"
-    status = status_of(error)
-    text = str(error).lower()
-    if status == 401 or "DaytonaAuthenticationError" in _class_names(error):
-        return AuthenticationError(
-            f"{message} (the API key was rejected)",
-            remedy=f"Check DAYTONA_API_KEY; create a key at {KEYS_URL} and export DAYTONA_API_KEY=<key>.",
-        )
-    if "DaytonaTimeoutError" in _class_names(error) and what == "create":
-        return SandboxError(
-            message,
-            remedy="Creating (for an image: building) the sandbox took longer than create_timeout_s; raise "
-            "it, or start from a snapshot.",
-            sandbox_id=sandbox_id,
-        )
-    # Before the quota check: "rate limit exceeded" is a 429 to wait out, not a quota.
-    if status in (408, 429) or (status is not None and status >= 500) or (status is None and is_transport(error)):
-        return TransientError(message, sandbox_id=sandbox_id)
-    if "quota" in text or "limit exceeded" in text or "limit reached" in text:
-        return QuotaExceeded(
-            message,
-            remedy="Destroy sandboxes you no longer need (`python flow.py sandbox kill`, or the Daytona "
-            "dashboard: stopped sandboxes count too) or raise your organization's limits.",
-            sandbox_id=sandbox_id,
-        )
-    if status == 403:
-        return AuthenticationError(
-            f"{message} (forbidden)",
-            remedy=f"The API key lacks a permission this needs; create one with sandbox access at {KEYS_URL}.",
-        )
-    if what == "create" and (
-        status in (400, 404, 422) or any(word in text for word in ("snapshot", "image", "build", "pull"))
-    ):
-        return ImageError(
-            message,
-            remedy="Check the image name (a registry image Daytona can pull) or the snapshot name "
-            "(`daytona snapshot list`, or the dashboard).",
-        )
-    return SandboxError(message, sandbox_id=sandbox_id)
-
-
-def call(what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str | None = None) -> T:
+def call(
+    what: str, fn: Callable[[], T], *, retry: bool = True, sandbox_id: str | None = None, endpoint: str | None = None
+) -> T:
     """``fn()`` with provider exceptions translated; transient failures retried when ``retry``."""
-
-    def attempt() -> T:
-        try:
-            return fn()
-        except SandboxError:
-            raise
-        except Exception as e:
-            raise translate(e, what, sandbox_id=sandbox_id) from e
-
-    return with_retries(attempt) if retry else attempt()
+    return TABLE.call(fn, what, context=what, sandbox_id=sandbox_id, endpoint=endpoint, retry=retry)
 
 
 def download_error(error: BaseException, src: str, sandbox_id: str) -> SandboxError:
     """A missing file is ``SandboxFileNotFound`` (a missing *sandbox* is not)."""
     text = str(error).lower()
     missing_file = (
-        "DaytonaFileNotFoundError" in _class_names(error)
+        "DaytonaFileNotFoundError" in class_names(error)
         or "file_not_found" in text
         or "no such file" in text
         or ("not found" in text and "sandbox" not in text)

@@ -5,17 +5,17 @@ Layer: e2b backend. Imports: the standard library and core; the ``e2b`` SDK lazi
 
 How the core spec maps to E2B: ``image`` → template (default ``base``), ``env`` → ``envs`` (at
 create and per command), ``labels`` → sandbox metadata (what ``list`` filters on), ``network=False``
-→ ``allow_internet_access=False``, ``lifetime_s`` → the sandbox timeout, pushed forward while a
-command runs so a long step never hits it. CPU, memory and disk are fixed by the template: asking
-for them warns (a GPU is refused). Commands run with ``bash -l -c`` in ``/home/user`` (the default
-user's home, also the base of relative file paths).
+→ ``allow_internet_access=False``, the lease (``$METAFLOW_SANDBOX_LEASE_S``, at most ``lifetime_s``)
+→ the sandbox timeout, pushed forward by core's lease thread while the handle lives (and while a
+command runs) so a long step never hits it and an orphan dies within the lease. CPU, memory and
+disk are fixed by the template: asking for them warns (a GPU is refused). Commands run with ``bash
+-l -c`` in ``/home/user`` (the default user's home, also the base of relative file paths).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import threading
 import time
 import uuid
@@ -35,19 +35,14 @@ from metaflow_extensions.sandbox.core import (
     SandboxSpec,
     SandboxUnavailable,
     TransientError,
+    lease_s,
+    owned_labels,
 )
-from metaflow_extensions.sandbox.core.retry import with_retries
+from metaflow_extensions.sandbox.core.retry import create_with_reconcile, with_retries
 
-from .commands import CommandRun
-from .errors import (
-    KEY_REMEDY,
-    check_sdk_version,
-    is_transport_error,
-    sdk,
-    translate,
-    translate_create,
-    translate_download,
-)
+from .commands import CommandRun, CommandSettings
+from .errors import KEY_REMEDY, TABLE, translate, translate_create, translate_download
+from .sdk import sdk
 from .transfer import Progress, WatchedReader, watched
 
 T = TypeVar("T")
@@ -58,25 +53,8 @@ _TEMPLATE_SIZES = (
 )
 
 
-CHECK_INTERVAL_ENV = "METAFLOW_SANDBOX_E2B_CHECK_INTERVAL_S"
-TEMPLATE_ENV = "METAFLOW_SANDBOX_E2B_TEMPLATE"
-
-
-def _number(value: object, name: str) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"The e2b option {name} must be a number of seconds; got {value!r}.") from None
-
-
-def _float_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigurationError(f"${name} must be a number of seconds; got {raw!r}.") from None
+TOKEN_LABEL = "metaflow-sandbox-create-token"
+"""Unique per create call: finds the sandbox of a create whose answer was lost."""
 
 
 def _streams_uploads() -> bool:
@@ -90,24 +68,20 @@ class E2BResourceWarning(UserWarning):
     """Requested resources that E2B cannot give per sandbox (they are fixed by the template)."""
 
 
-def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, envd: bool = False) -> T:
-    """Run an SDK call, translating whatever it raises into a core error."""
-    try:
-        return action()
-    except SandboxError:
-        raise
-    except Exception as e:
-        raise translate(e, doing, sandbox_id=sandbox_id, envd=envd) from e
+def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None, endpoint: str | None = None) -> T:
+    """Run an SDK call to the API at ``endpoint``, translating whatever it raises into a core error."""
+    return TABLE.call(action, doing, sandbox_id=sandbox_id, endpoint=endpoint)
 
 
 class E2BSandbox(Sandbox):
     """A live E2B sandbox; ``sdk`` is the SDK's ``Sandbox`` object."""
 
     def __init__(self, sdk_sandbox: Any, spec: SandboxSpec, backend: E2BBackend):
-        super().__init__(sdk_sandbox.sandbox_id, "e2b", spec)
         self.sdk = sdk_sandbox
         self.backend_ref = backend
         self.timeout_s = backend.sandbox_timeout(spec)
+        # The timeout is the lease: core's lease thread renews it (``_renew_lease``) while this lives.
+        super().__init__(sdk_sandbox.sandbox_id, "e2b", spec, lease_s=float(self.timeout_s))
         # How long E2B actually grants (a plan may cap the timeout); learned without delaying create.
         self._window = float(self.timeout_s)
         self._last_refresh = time.monotonic()
@@ -143,6 +117,9 @@ class E2BSandbox(Sandbox):
         with_retries(refresh, attempts=3, cap_s=2.0)
         self._last_refresh = time.monotonic()
 
+    def _renew_lease(self) -> None:
+        self.keep_alive()
+
     def refresh_if_due(self) -> None:
         """Before each operation: extend the timeout if a third of it passed since the last time
         (long transfers or idle gaps between commands must not let the sandbox expire)."""
@@ -164,7 +141,7 @@ class E2BSandbox(Sandbox):
             raise
         except Exception as e:
             error = translate(e, doing, sandbox_id=self.id, envd=True)
-            if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+            if isinstance(error, SandboxUnavailable) and TABLE.is_transport(e) and self.is_alive():
                 error = TransientError(f"E2B failed while {doing}: {e!r}", sandbox_id=self.id)
             raise error from e
 
@@ -195,7 +172,15 @@ class E2BSandbox(Sandbox):
         on_stderr: Callable[[str], None],
     ) -> int:
         self.refresh_if_due()
-        return CommandRun(self, command, env=env, timeout_s=timeout_s, on_stdout=on_stdout, on_stderr=on_stderr).run()
+        return CommandRun(
+            self,
+            self.backend_ref.command_settings,
+            command,
+            env=env,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        ).run()
 
     def _upload(self, src: Path, dst: str) -> None:
         self.refresh_if_due()
@@ -234,7 +219,7 @@ class E2BSandbox(Sandbox):
                 raise
             except Exception as e:
                 error = translate_download(e, path, self.id)
-                if isinstance(error, SandboxUnavailable) and is_transport_error(e) and self.is_alive():
+                if isinstance(error, SandboxUnavailable) and TABLE.is_transport(e) and self.is_alive():
                     error = TransientError(f"E2B failed while downloading {path!r}: {e!r}", sandbox_id=self.id)
                 raise error from e
 
@@ -289,7 +274,7 @@ class E2BBackend(SandboxBackend):
         api_key: str | None = None,
         template: str | None = None,
         workdir: str = WORKDIR,
-        check_interval_s: float | None = None,
+        check_interval_s: float = 30.0,
         request_timeout_s: float = 60.0,
         max_timeout_s: int = 3600,
         api_url: str | None = None,
@@ -297,24 +282,17 @@ class E2BBackend(SandboxBackend):
         domain: str | None = None,
     ):
         self._e2b = sdk()
-        check_sdk_version()
-        api_key = api_key or os.environ.get("E2B_API_KEY")
+        # Options arrive resolved by ``get_backend`` (coerced, environment defaults filled in).
         if not api_key:
             raise ConfigurationError("The e2b sandbox backend needs an E2B API key; none is set.", remedy=KEY_REMEDY)
-        if check_interval_s is None:
-            check_interval_s = _float_env(CHECK_INTERVAL_ENV, 30.0)
-        # Options may arrive as strings (e.g. from a decorator's options dict).
-        check_interval_s = _number(check_interval_s, "check_interval_s")
-        request_timeout_s = _number(request_timeout_s, "request_timeout_s")
-        max_timeout_s = int(_number(max_timeout_s, "max_timeout_s"))
-        if check_interval_s <= 0 or request_timeout_s <= 0 or max_timeout_s <= 0:
-            raise ConfigurationError("check_interval_s, request_timeout_s and max_timeout_s must be positive seconds.")
         self.max_timeout_s = int(max_timeout_s)
-        self.template = template or os.environ.get(TEMPLATE_ENV) or None
+        self.lease_s = lease_s()
+        self.template = template or None
         self.workdir = workdir.rstrip("/") or "/"
         self.check_interval_s = float(check_interval_s)
         self.request_timeout_s = float(request_timeout_s)
         given = {"api_url": api_url, "sandbox_url": sandbox_url, "domain": domain}
+        self.endpoint = api_url or f"https://api.{domain or 'e2b.app'}"
         self._opts: dict[str, Any] = {
             "api_key": api_key,
             "request_timeout": self.request_timeout_s,
@@ -324,10 +302,12 @@ class E2BBackend(SandboxBackend):
         self._idempotent_create = "idempotency_key" in inspect.signature(self._e2b.Sandbox.create).parameters
         # Newer SDKs stream file objects on upload (and then put no client timeout on them).
         self.streams_uploads = _streams_uploads()
+        self.command_settings = CommandSettings(self.workdir, self.check_interval_s, self.request_timeout_s)
 
     def sandbox_timeout(self, spec: SandboxSpec) -> int:
-        """The E2B timeout for ``spec``: its lifetime, capped to what every E2B plan accepts."""
-        return min(int(spec.lifetime_s), self.max_timeout_s)
+        """The E2B timeout for ``spec``: the lease (``$METAFLOW_SANDBOX_LEASE_S``), at most its
+        lifetime and what every E2B plan accepts."""
+        return max(1, int(min(self.lease_s, spec.lifetime_s, self.max_timeout_s)))
 
     def _check_resources(self, spec: SandboxSpec) -> None:
         res = spec.resources
@@ -350,24 +330,38 @@ class E2BBackend(SandboxBackend):
         kwargs: dict[str, Any] = {
             "template": template,
             "timeout": self.sandbox_timeout(spec),
-            "metadata": dict(spec.labels),
             "envs": dict(spec.env),
             "allow_internet_access": spec.network,
             **self._opts,
         }
+        token = uuid.uuid4().hex
+        kwargs["metadata"] = {**owned_labels(spec.labels), TOKEN_LABEL: token}
         if self._idempotent_create:
-            kwargs["idempotency_key"] = str(uuid.uuid4())
+            kwargs["idempotency_key"] = token
 
-        def attempt() -> Any:
+        def attempt() -> E2BSandbox:
             try:
-                return self._e2b.Sandbox.create(**kwargs)
+                return E2BSandbox(self._e2b.Sandbox.create(**kwargs), spec, self)
             except Exception as e:
-                raise translate_create(e, template or "base") from e
+                raise translate_create(e, template or "base", self.endpoint) from e
 
-        return E2BSandbox(with_retries(attempt), spec, self)
+        def adopt() -> E2BSandbox | None:
+            # Creating is not idempotent on every SDK: a lost answer may hide a sandbox. Adopt it.
+            found = self._list_sdk({TOKEN_LABEL: token})
+            if not found:
+                return None
+            connected = _call(
+                lambda: self._e2b.Sandbox.connect(found[0].sandbox_id, **self._opts),
+                "adopting a created sandbox",
+                endpoint=self.endpoint,
+            )
+            return E2BSandbox(connected, spec, self)
 
-    def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
-        query = self._e2b.SandboxQuery(metadata=dict(labels)) if labels else None
+        return create_with_reconcile(attempt, adopt)
+
+    def _list_sdk(self, labels: Mapping[str, str]) -> list[Any]:
+        """The SDK's sandbox records carrying ``labels`` (all pages)."""
+        query = self._e2b.SandboxQuery(metadata=dict(labels))
 
         def fetch() -> list[Any]:
             pages = self._e2b.Sandbox.list(query=query, limit=100, **self._opts)
@@ -376,9 +370,17 @@ class E2BBackend(SandboxBackend):
                 found += pages.next_items()
             return found
 
-        found = with_retries(lambda: _call(fetch, "listing sandboxes"))
+        return with_retries(lambda: _call(fetch, "listing sandboxes", endpoint=self.endpoint))
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        wanted = owned_labels(labels)
         return sorted(
-            (SandboxInfo(id=s.sandbox_id, backend=self.name, labels=dict(s.metadata or {})) for s in found),
+            (
+                SandboxInfo(id=s.sandbox_id, backend=self.name, labels=dict(s.metadata or {}))
+                for s in self._list_sdk(wanted)
+                # Checked here too: the filter is the server's, and this is the contract.
+                if wanted.items() <= dict(s.metadata or {}).items()
+            ),
             key=lambda info: info.id,
         )
 
@@ -386,6 +388,9 @@ class E2BBackend(SandboxBackend):
         # Sandbox.kill answers False for an unknown id: already gone is not an error.
         with_retries(
             lambda: _call(
-                lambda: self._e2b.Sandbox.kill(sandbox_id, **self._opts), "destroying a sandbox", sandbox_id=sandbox_id
+                lambda: self._e2b.Sandbox.kill(sandbox_id, **self._opts),
+                "destroying a sandbox",
+                sandbox_id=sandbox_id,
+                endpoint=self.endpoint,
             )
         )

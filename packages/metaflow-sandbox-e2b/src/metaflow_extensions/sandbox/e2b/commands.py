@@ -20,14 +20,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from metaflow_extensions.sandbox.core import CommandTimeout, SandboxError, SandboxUnavailable
 
-from .errors import sdk, translate
-
-if TYPE_CHECKING:
-    from .backend import E2BSandbox
+from .errors import translate
+from .sdk import sdk
 
 # Go's names for signals, as envd reports a killed process ("signal: killed", exit code -1).
 _GO_SIGNALS = {
@@ -71,12 +70,41 @@ def _bounded(call: Callable[[], Any], seconds: float) -> None:
     worker.join(seconds)
 
 
+@dataclass(frozen=True)
+class CommandSettings:
+    """The backend's settings a command run needs."""
+
+    workdir: str
+    check_interval_s: float
+    request_timeout_s: float
+
+
+class CommandHost(Protocol):
+    """What a command run asks of its sandbox (``E2BSandbox`` provides it): its id and SDK handle,
+    whether it was destroyed or is still alive, its running processes, and its lease."""
+
+    id: str
+    sdk: Any
+
+    @property
+    def destroyed(self) -> bool: ...
+
+    def is_alive(self) -> bool: ...
+
+    def running_pids(self) -> set[int]: ...
+
+    def keep_alive(self) -> None: ...
+
+    def refresh_every(self) -> float: ...
+
+
 class CommandRun:
     """One ``_run`` of ``E2BSandbox``; see the module docstring."""
 
     def __init__(
         self,
-        sandbox: E2BSandbox,
+        sandbox: CommandHost,
+        settings: CommandSettings,
         command: str,
         *,
         env: Mapping[str, str],
@@ -85,13 +113,12 @@ class CommandRun:
         on_stderr: Callable[[str], None],
     ):
         self.sbx = sandbox
+        self.settings = settings
         self.command = command
         self.env = dict(env)
         self.timeout_s = timeout_s
         self.on_stdout, self.on_stderr = on_stdout, on_stderr
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
         self.handle: Any = None
         self.gone_since: float | None = None  # when envd first stopped listing the process
         self.failed_checks = 0
@@ -100,7 +127,7 @@ class CommandRun:
 
     def _consume(self) -> None:
         exit_error = sdk().CommandExitException
-        options = self.sbx.backend_ref
+        options = self.settings
         try:
             handle = self.sbx.sdk.commands.run(
                 self.command,
@@ -126,7 +153,7 @@ class CommandRun:
     # -- the caller's thread ---------------------------------------------------------------------
 
     def run(self) -> int:
-        options = self.sbx.backend_ref
+        options = self.settings
         threading.Thread(target=self._consume, name=f"e2b-run-{self.sbx.id}", daemon=True).start()
         now = time.monotonic()
         deadline = None if self.timeout_s is None else now + self.timeout_s
@@ -157,8 +184,6 @@ class CommandRun:
                 raise CommandTimeout(
                     f"Command timed out after {self.timeout_s} s in sandbox {self.sbx.id}; its processes were killed.",
                     timeout_s=self.timeout_s or 0.0,
-                    stdout="".join(self.stdout),
-                    stderr="".join(self.stderr),
                     sandbox_id=self.sbx.id,
                 )
             if now >= next_check:
@@ -170,10 +195,8 @@ class CommandRun:
         if kind == "pid":
             self.handle = event[1]
         elif kind == "out":
-            self.stdout.append(event[1])
             self.on_stdout(event[1])
         elif kind == "err":
-            self.stderr.append(event[1])
             self.on_stderr(event[1])
         elif kind == "exit":
             return exit_status(event[1], event[2])
