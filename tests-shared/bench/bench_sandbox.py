@@ -23,7 +23,6 @@ import contextlib
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,27 +139,20 @@ def backend_env(backend: str) -> Iterator[dict[str, str]]:
         yield import_module(f"sandbox_testing.{backend}").emulator_env(url)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process's finished children (and theirs, once reaped)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run(
     workdir: Path, flow: str, extra: list[str], sandbox: list[str], env: dict[str, str]
-) -> tuple[float, list[dict[str, float]], float]:
-    """(wall time, the launchers' phase timings, CPU time of the whole process tree) of one run."""
+) -> tuple[float, list[dict[str, float]]]:
     cmd = [sys.executable, flow, "--no-pylint", *sandbox, "run", *extra]
     env = {**os.environ, **env, "USERNAME": "bench", "METAFLOW_SANDBOX_TIMINGS": "1"}
-    start, cpu = time.monotonic(), cpu_seconds()
+    start = time.monotonic()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False)
-    elapsed, cpu = time.monotonic() - start, cpu_seconds() - cpu
+    elapsed = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
     phases = []
     for match in TIMINGS.finditer(proc.stdout + proc.stderr):
         phases.append({k: float(v.rstrip("ms")) for k, v in (p.split("=") for p in match.group(1).split(", "))})
-    return elapsed, phases, cpu
+    return elapsed, phases
 
 
 def main() -> None:
@@ -182,27 +174,19 @@ def main() -> None:
         for flow, label, tasks, extra in CASES:
             if args.only and flow not in args.only:
                 continue
-            plain, sandboxed, plain_cpu, sandboxed_cpu = [], [], [], []
+            plain, sandboxed = [], []
             for _ in range(args.repeat):
-                elapsed, _, cpu = run(workdir, flow, extra, [], {})
-                plain.append(elapsed)
-                plain_cpu.append(cpu)
-                elapsed, task_phases, cpu = run(workdir, flow, extra, sandbox, env)
+                plain.append(run(workdir, flow, extra, [], {})[0])
+                elapsed, task_phases = run(workdir, flow, extra, sandbox, env)
                 sandboxed.append(elapsed)
-                sandboxed_cpu.append(cpu)
                 if flow == "linear_flow.py":
                     per_task_overheads.append((elapsed - plain[-1]) / tasks * 1000)
                     for entry in task_phases:
                         for key, value in entry.items():
                             phases[key].append(value)
             p, s = statistics.median(plain), statistics.median(sandboxed)
-            pc, sc = statistics.median(plain_cpu), statistics.median(sandboxed_cpu)
-            rows.append((label, p, s, pc, sc))
-            print(
-                f"{label}: plain {p:.2f} s, sandboxed {s:.2f} s, ratio {s / p:.2f}; "
-                f"CPU plain {pc:.1f} s, sandboxed {sc:.1f} s, ratio {sc / pc:.2f}",
-                flush=True,
-            )
+            rows.append((label, p, s, s / p))
+            print(f"{label}: plain {p:.2f} s, sandboxed {s:.2f} s, ratio {s / p:.2f}", flush=True)
 
     overhead = statistics.median(per_task_overheads) if per_task_overheads else float("nan")
     print(f"per-task overhead (linear flow, median): {overhead:.0f} ms")
@@ -225,16 +209,11 @@ def write_markdown(  # noqa: PLR0917 - one call site
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, Metaflow {metaflow.__version__}, local isolation `{isolation}`, "
-        f"local datastore. Wall time of `python flow.py run`, median of {repeat} runs, and the CPU time "
-        "(user + system) of its whole process tree, which a busy machine disturbs less.",
+        f"local datastore. Wall time of `python flow.py run`, median of {repeat} runs.",
         "",
-        f"| flow | plain (s) | `--with sandbox:backend={backend}` (s) | ratio | CPU plain (s) | CPU sandboxed (s) "
-        "| CPU ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *(
-            f"| {label} | {p:.2f} | {s:.2f} | {s / p:.2f}x | {pc:.1f} | {sc:.1f} | {sc / pc:.2f}x |"
-            for label, p, s, pc, sc in rows
-        ),
+        f"| flow | plain (s) | `--with sandbox:backend={backend}` (s) | ratio |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | {p:.2f} | {s:.2f} | {s / p:.2f}x |" for label, p, s, _ in rows),
         "",
         f"**Per-task overhead** (linear flow, (sandboxed - plain) / 5 tasks, median): **{overhead:.0f} ms**.",
         "",
