@@ -60,6 +60,8 @@ def test_the_code_directory_is_unpacked_once_per_package_with_its_bytecode(tmp_p
             "run.sh",
         ]
     )
+    # Metaflow's local root (cards) is this sandbox's: the link leaves the shared directory.
+    assert os.readlink(os.path.join(first, ".metaflow")) == "../.metaflow"
     # Nothing of a half-built entry is left behind.
     assert sorted(os.listdir(cache)) == [os.path.basename(first)]
 

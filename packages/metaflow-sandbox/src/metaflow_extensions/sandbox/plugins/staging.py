@@ -44,6 +44,7 @@ ROOT_PREFIX = "root"
 CODE_PREFIX = "code"
 """Archive members under ``root/`` are absolute paths (the leading ``/`` dropped)."""
 IN_ARCHIVE = "mfsbx/in.tar"
+LOCAL_ROOT = ".metaflow"  # metaflow_config.DATASTORE_LOCAL_DIR
 OUT_ARCHIVE = "mfsbx/out.tar"
 _DONE = re.compile(r"^(\d+)\.DONE\.lock$")
 # Files of one attempt in a task directory: ``<attempt>.data.json``, ``_meta/<attempt>_artifact_*``.
@@ -214,6 +215,10 @@ def code_directory(package: bytes, path: str, *, bytecode: bool = False) -> str:
             with open(target, "wb") as out:
                 out.write(content)
             os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
+        # Where Metaflow looks for its local root (cards, before 2.13 only in the working
+        # directory): the sandbox links `../.metaflow` to its datastore root (``task_script``).
+        with contextlib.suppress(FileExistsError):  # the package's own wins
+            os.symlink(f"../{LOCAL_ROOT}", os.path.join(tmp, LOCAL_ROOT))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide it from a sandbox's own uid
         os.rename(tmp, path)
     except OSError as e:
