@@ -268,3 +268,67 @@ def test_a_normal_users_sandbox_holds_the_same_line(tmp_path):
     lines = res.stdout.split("\n")
     assert lines[0] == "1000" and lines[1].split() == ["CapEff:", "0000000000000000"] and "SHADOW" not in lines
     assert lines[-2] == "refused" and not Path("/usr/planted").exists()
+
+
+def _shared_code(tmp_path: Path) -> Path:
+    code = tmp_path / "shared-code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "pkg" / "mod.py").write_text("VALUE = 'shared'\n")
+    return code
+
+
+def test_a_shared_directory_is_one_copy_read_only_to_every_sandbox(sandbox_root, tmp_path):
+    """Under bubblewrap a ``read_only_dirs`` directory is mounted, not copied: two sandboxes see
+    the same files (a change on the host shows in both), and neither can change, add or remove any."""
+    backend = get_backend("local", isolation="bwrap", root=sandbox_root)
+    code = _shared_code(tmp_path)
+    spec = SandboxSpec(read_only_dirs={"code": str(code)})
+    attacks = "echo hacked > code/pkg/mod.py; touch code/new; rm -f code/pkg/mod.py; mkdir code/d; chmod 777 code"
+    with backend.create(spec) as first, backend.create(spec) as second:
+        for sbx in (first, second):
+            imports = "cd code && python -c 'import pkg.mod as m; print(m.VALUE)'"
+            result = sbx.run(f"{attacks}; cat code/pkg/mod.py; {imports}")
+            assert result.exit_code == 0, result.stderr
+            assert result.stdout.split() == ["VALUE", "=", "'shared'", "shared"]
+            assert result.stderr.count("Read-only file system") >= 4
+        (code / "pkg" / "mod.py").write_text("VALUE = 'changed on the host'\n")
+        both = [sbx.run("cat code/pkg/mod.py").stdout for sbx in (first, second)]
+        assert both == ["VALUE = 'changed on the host'\n"] * 2
+        # Nothing of the code was copied into the sandboxes' own directories.
+        assert not list((sandbox_root / first.id / "fs/home/sandbox/code").iterdir())
+    assert sorted(p.name for p in code.rglob("*")) == ["mod.py", "pkg"]
+
+
+def test_a_shared_directory_is_a_private_copy_in_process_mode(sandbox_root, tmp_path):
+    """Without bubblewrap nothing is mounted: each sandbox gets its own copy, so what one task
+    does to its code never reaches the shared directory or the next task."""
+    backend = get_backend("local", isolation="process", root=sandbox_root)
+    code = _shared_code(tmp_path)
+    spec = SandboxSpec(read_only_dirs={"code": str(code)})
+    with backend.create(spec) as first:
+        assert first.run("echo hacked > code/pkg/mod.py && cat code/pkg/mod.py").stdout == "hacked\n"
+        with backend.create(spec) as second:
+            assert second.run("cat code/pkg/mod.py").stdout == "VALUE = 'shared'\n"
+    assert (code / "pkg" / "mod.py").read_text() == "VALUE = 'shared'\n"
+
+
+@pytest.mark.parametrize(
+    ("dirs", "message"),
+    [
+        ({"/abs": "/tmp"}, "not a plain path relative"),
+        ({"../up": "/tmp"}, "not a plain path relative"),
+        ({"a/../b": "/tmp"}, "not a plain path relative"),
+        ({"code": "relative/dir"}, "not an absolute path"),
+    ],
+)
+def test_bad_shared_directories_are_refused_in_the_spec(dirs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        SandboxSpec(read_only_dirs=dirs)
+
+
+def test_a_missing_shared_directory_is_refused_before_any_sandbox_exists(sandbox_root, tmp_path):
+    backend = get_backend("local", root=sandbox_root)
+    before = backend.list()
+    with pytest.raises(ConfigurationError, match="not a directory on this machine"):
+        backend.create(SandboxSpec(read_only_dirs={"code": str(tmp_path / "missing")}))
+    assert backend.list() == before

@@ -74,8 +74,8 @@ def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return make
 
 
-@pytest.mark.parametrize("inline_code", [False, True], ids=["package-archive", "package-inlined"])
-def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_for, capfdbinary, inline_code):
+@pytest.mark.parametrize("code", ["package-archive", "package-inlined", "package-shared"])
+def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_for, capfdbinary, code):
     command = (
         'cat "$P/0.data.json" >/dev/null && cat "$D/ab/ab12" && echo && '
         'echo "$GREETING from $(cat flow.py | wc -l) file" && echo oops >&2 && '
@@ -85,11 +85,10 @@ def test_a_task_reads_its_inputs_writes_outputs_and_keeps_its_exit_code(request_
     loc = request_for("true").location
     key = hashlib.sha1(b"new").hexdigest()  # a raw blob, filed under its content address
     paths = {"P": f"{loc.root}/F/1/a/3", "T": loc.task_dir, "D": loc.blob_dir, "K": key}
-    code_tar = None
-    if inline_code:
-        package = Path(request_for("true").package).read_bytes()
-        code_tar = staging.code_archive(package, f"{loc.root}/../code.tar")
-    req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar, attempt=2)
+    package = Path(request_for("true").package).read_bytes()
+    code_tar = staging.code_archive(package, f"{loc.root}/../code.tar") if code == "package-inlined" else None
+    code_dir = staging.code_directory(package, f"{loc.root}/../code.d") if code == "package-shared" else ""
+    req = request_for(command, env={"GREETING": "hi", **paths}, code_tar=code_tar, code_dir=code_dir, attempt=2)
     assert executor.execute(req) == 3
     assert Path(loc.task_dir, "2.DONE.lock").read_text() == "done\n"
     assert Path(loc.blob_dir, key[:2], key).read_text() == "new"

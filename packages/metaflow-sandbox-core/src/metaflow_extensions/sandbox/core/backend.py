@@ -356,6 +356,8 @@ class SandboxBackend(ABC):
     #: Whether commands in its sandboxes run under the launcher's own Python interpreter, so that
     #: bytecode compiled by the launcher is valid there (callers may then ship ``.pyc`` files).
     runs_launcher_python: ClassVar[bool] = False
+    #: Whether ``create`` honours ``SandboxSpec.read_only_dirs`` (shares this machine's directories).
+    shares_host_dirs: ClassVar[bool] = False
     #: Other distribution names a required provider SDK may be installed under (a deprecated alias
     #: shipping the same code, e.g. ``{"daytona": "daytona-sdk"}``), in the same version range.
     #: ``metaflow-sandbox doctor`` checks the SDK's version under either name.

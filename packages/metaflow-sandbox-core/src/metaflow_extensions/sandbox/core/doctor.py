@@ -35,6 +35,9 @@ from .provider import requirements, satisfies
 from .registry import BACKEND_ENV, ENTRY_POINT_GROUP, backend_class, default_backend, get_backend
 from .spec import SandboxSpec
 
+CODE_CACHE_MB_ENV = "METAFLOW_SANDBOX_CODE_CACHE_MB"
+CODE_CACHE_DEFAULT_MB = 1024
+"""The Metaflow integration's code cache keeps at most this much (least recently used out first)."""
 DOCTOR_ENTRY_POINT_GROUP = "metaflow_sandbox.doctor"
 DOCTOR_LABEL = "metaflow-sandbox-doctor"
 """Label on the sandbox the doctor creates, so that it finds exactly that one again."""
@@ -232,9 +235,27 @@ def _size(path: Path) -> int:
     return total
 
 
+def code_cache_dir() -> Path:
+    """Where the Metaflow integration caches code packages (unpacked, and as archives), per user."""
+    return Path(tempfile.gettempdir()) / f"metaflow-sandbox-code-{os.getuid()}"
+
+
+def code_cache_limit_mb() -> int:
+    """The code cache's bound in MiB: ``$METAFLOW_SANDBOX_CODE_CACHE_MB`` or the default."""
+    raw = os.environ.get(CODE_CACHE_MB_ENV, "").strip()
+    if not raw:
+        return CODE_CACHE_DEFAULT_MB
+    if not raw.isdigit():
+        raise ConfigurationError(
+            f"${CODE_CACHE_MB_ENV} must be a whole number of MiB; got {raw!r}.",
+            remedy=f"Set it to e.g. {CODE_CACHE_DEFAULT_MB}, or unset it for the default.",
+        )
+    return int(raw)
+
+
 def cache_findings() -> list[Finding]:
     """The size of the code cache the Metaflow integration keeps per user."""
-    cache = Path(tempfile.gettempdir()) / f"metaflow-sandbox-code-{os.getuid()}"
+    cache = code_cache_dir()
     if not cache.exists():
         return [Finding("code cache", "info", f"{cache} does not exist yet")]
     size = _size(cache)
@@ -243,7 +264,8 @@ def cache_findings() -> list[Finding]:
             "code cache",
             "info",
             f"{cache}: {size / 2**20:.1f} MiB",
-            f"entries expire after a day; to free the space now, when no run is going: rm -rf {cache}",
+            f"kept under ${CODE_CACHE_MB_ENV} MiB (default {CODE_CACHE_DEFAULT_MB}), least recently used out "
+            f"first; to free the space now, when no run is going: rm -rf {cache}",
         )
     ]
 

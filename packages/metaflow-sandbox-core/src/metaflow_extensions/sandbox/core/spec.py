@@ -8,6 +8,7 @@ is created, with a message that names the parameter to fix.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,21 @@ def check_env(env: Mapping[str, str], what: str) -> Mapping[str, str]:
     return frozen
 
 
+def _read_only_dirs(value: Mapping[str, str]) -> Mapping[str, str]:
+    """``value`` frozen, once every key is a plain relative path and every value an absolute one."""
+    frozen = _frozen_str_map(value, "SandboxSpec.read_only_dirs")
+    for inside, host in frozen.items():
+        parts = inside.split("/")
+        if not inside or inside.startswith("/") or posixpath.normpath(inside) != inside or ".." in parts:
+            raise ConfigurationError(
+                f"SandboxSpec.read_only_dirs: {inside!r} is not a plain path relative to the working directory.",
+                remedy="Use a relative path without '..', such as 'code' or 'lib/shared'.",
+            )
+        if not posixpath.isabs(host):
+            raise ConfigurationError(f"SandboxSpec.read_only_dirs[{inside!r}]: {host!r} is not an absolute path.")
+    return frozen
+
+
 @dataclass(frozen=True)
 class Resources:
     """Requested compute. ``None`` leaves the choice to the backend (its default size)."""
@@ -66,6 +82,11 @@ class SandboxSpec:
     backend's default. ``env`` is set for every command; ``labels`` are attached to the sandbox so
     ``SandboxBackend.list`` can find it again. ``lifetime_s`` is a provider-side backstop: a sandbox
     whose owner vanished is removed after that long. ``network=False`` cuts outbound network access.
+
+    ``read_only_dirs`` maps a path relative to the working directory to a directory of this
+    machine whose files the sandbox sees there, read-only: many sandboxes share one copy (a code
+    package unpacked once). Only backends whose ``shares_host_dirs`` is true honour it (the local
+    backend, by a bind mount); a caller of another backend uploads the files itself.
     """
 
     image: str | None = None
@@ -74,10 +95,12 @@ class SandboxSpec:
     resources: Resources = field(default_factory=Resources)
     lifetime_s: int = 3600
     network: bool = True
+    read_only_dirs: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env", check_env(self.env, "SandboxSpec.env"))
         object.__setattr__(self, "labels", _frozen_str_map(self.labels, "SandboxSpec.labels"))
+        object.__setattr__(self, "read_only_dirs", _read_only_dirs(self.read_only_dirs))
         if not isinstance(self.lifetime_s, int) or isinstance(self.lifetime_s, bool) or self.lifetime_s <= 0:
             raise ConfigurationError(
                 f"SandboxSpec.lifetime_s must be a positive integer (seconds); got {self.lifetime_s!r}."

@@ -81,6 +81,7 @@ class SandboxTask:
             resources=req.resources,
             lifetime_s=req.hard_limit_s + 300,
             network=req.network,
+            read_only_dirs={staging.CODE_PREFIX: req.code_dir} if req.code_dir else {},
         )
         self.sandbox = backend.create(spec)
         self._timed("create", start)

@@ -45,6 +45,7 @@ class TaskRequest:
     attempt: int = 0
     package: str = ""  # the code package file as Metaflow made it (used when code_tar is None)
     code_tar: str | None = None  # the package's files as a plain tar (staging.code_archive), if it is a tarball
+    code_dir: str = ""  # or as a directory the backend mounts read-only as `code` (staging.code_directory)
     image: str | None = None
     resources: Resources = field(default_factory=Resources)
     network: bool = True

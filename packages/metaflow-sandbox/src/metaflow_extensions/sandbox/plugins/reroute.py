@@ -9,8 +9,8 @@ Everything the launcher needs is known here, where Metaflow and the flow are loa
 real ``flow.py step`` command line (the runtime's own, run from the unpacked code in the sandbox,
 after the environment's bootstrap commands as ``@batch`` runs them), the datastore location, the
 environment, labels, limits and the code package (from memory: the runtime holds it), unpacked
-once per package into a cached archive. The request travels as a private file, never on a command
-line.
+once per package into a cached directory the sandboxes share or a cached archive. The request
+travels as a private file, never on a command line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import compat, kills, preflight, staging
+from . import code_cache, compat, kills, preflight, staging
 from .metadata import task_labels
 from .request import TaskRequest, save_request
 
@@ -88,7 +87,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     if direct:
         secret_env = _direct_env(deco, root, user, env)
     attrs = deco.attributes
-    code_tar, package, extract, extract_env = _code(deco)
+    bootstrap = deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE)
+    code_tar, code_dir, package, extract, extract_env = _code(deco, writable=bool(bootstrap))
     return TaskRequest(
         backend=attrs["backend"],
         backend_options=attrs["options"],
@@ -97,7 +97,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
             flow_file,
             cli_args,
             input_env,
-            bootstrap=deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE),
+            bootstrap=bootstrap,
         ),
         location=location,
         input_paths=util.decompress_list(compressed) if compressed else [],
@@ -109,6 +109,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         attempt=retry_count,
         package=package,
         code_tar=code_tar,
+        code_dir=code_dir,
         image=attrs["image"],
         resources=Resources(cpu=attrs["cpu"], memory_mb=attrs["memory"], disk_mb=attrs["disk"], gpu=attrs["gpu"]),
         network=attrs["network"],
@@ -192,23 +193,33 @@ def retry_delay(decos: list[Any], retry_count: int) -> int:
     return 0
 
 
-def _code(deco: Any) -> tuple[str | None, str, list[str], dict[str, str]]:
-    """(code archive, package file, extract commands, extract env) of this run's code package."""
-    return _package_files(deco.package, backend_class(deco.attributes["backend"]).runs_launcher_python)
+def _code(deco: Any, *, writable: bool) -> tuple[str | None, str, str, list[str], dict[str, str]]:
+    """(code archive, shared code directory, package file, extract commands, extract env) of this
+    run's code package; ``writable``: the task writes into its code directory (an environment's
+    bootstrap, such as ``uv sync`` writing ``uv.lock``), which then cannot be shared."""
+    cls = backend_class(deco.attributes["backend"])
+    # Direct path: the task writes its local metadata next to its code, which must stay writable.
+    share = cls.shares_host_dirs and deco.data_path != "direct" and not writable
+    return _package_files(deco.package, cls.runs_launcher_python, share)
 
 
 @functools.cache  # once per run: the runtime asks for every task
-def _package_files(package: Any, bytecode: bool) -> tuple[str | None, str, list[str], dict[str, str]]:
-    """A tarball package is unpacked once per package on this machine into an archive the sandbox
-    extracts in the same pass as the inputs; other formats travel as they are."""
+def _package_files(package: Any, bytecode: bool, share: bool) -> tuple[str | None, str, str, list[str], dict[str, str]]:
+    """A tarball package is unpacked once per package on this machine: into a directory every
+    sandbox mounts read-only (``share``: the backend shares this machine's directories), else into
+    an archive the sandbox extracts in the same pass as the inputs; other formats travel as they
+    are. The cache entry stays in use (never evicted) while this runtime lives."""
     blob = compat.package_blob(package)
     digest = hashlib.sha1(blob).hexdigest()  # a cache key: the datastore's own content address
     pkg_metadata = compat.package_metadata(package)
     extract, extract_env = compat.extract_commands(pkg_metadata, "job.tar")
-    cache = os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-code-{os.getuid()}")
-    if compat.package_is_tar(pkg_metadata):
-        return staging.cached_code_archive(digest, lambda: blob, cache, bytecode=bytecode), "", extract, extract_env
-    return None, staging.cached_package(digest, lambda: blob, cache), extract, extract_env
+    cache = code_cache.cache_dir()
+    if not compat.package_is_tar(pkg_metadata):
+        return None, "", staging.cached_package(digest, lambda: blob, cache), extract, extract_env
+    if share:
+        code_dir = staging.cached_code_directory(digest, lambda: blob, cache, bytecode=bytecode)
+        return None, code_dir, "", extract, extract_env
+    return staging.cached_code_archive(digest, lambda: blob, cache, bytecode=bytecode), "", "", extract, extract_env
 
 
 def _include_file_dir(flow: str) -> str:

@@ -1,7 +1,8 @@
 """Moving a task's local-datastore inputs into a sandbox and its outputs back: one archive each way.
 
-Layer: plugins (bottom: used by the executor). Imports: the standard library only; it knows the
-local datastore's layout, not Metaflow's classes, so it is testable on plain directories.
+Layer: plugins (bottom: used by the executor). Imports: the standard library and
+``plugins.code_cache``; it knows the local datastore's layout, not Metaflow's classes, so it is
+testable on plain directories.
 
 In: the code package, the ``_meta/_self.json`` files of flow/run/step/task, and per input path the
 parent's latest DONE attempt (``attempt.json``, ``DONE.lock``, ``data.json``) plus each blob its
@@ -31,17 +32,19 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import code_cache
 
 PACKAGE_MEMBER = "mfsbx/job.tar"
 ROOT_PREFIX = "root"
 CODE_PREFIX = "code"
 """Archive members under ``root/`` are absolute paths (the leading ``/`` dropped)."""
 IN_ARCHIVE = "mfsbx/in.tar"
+LOCAL_ROOT = ".metaflow"  # metaflow_config.DATASTORE_LOCAL_DIR
 OUT_ARCHIVE = "mfsbx/out.tar"
 _DONE = re.compile(r"^(\d+)\.DONE\.lock$")
 # Files of one attempt in a task directory: ``<attempt>.data.json``, ``_meta/<attempt>_artifact_*``.
@@ -149,6 +152,25 @@ def input_files(loc: TaskLocation, input_paths: Iterable[str], extra: Iterable[s
     return files, blobs
 
 
+def _code_members(package: bytes, *, bytecode: bool) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """The code package's files and directories, named ``code/<path>``, each with its content
+    (None for a directory), and with ``bytecode`` each module's ``.pyc`` after it."""
+    with tarfile.open(fileobj=io.BytesIO(package), mode="r:*") as code:
+        for member in code:
+            if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
+                continue
+            source = code.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
+            member.name = name
+            yield member, source
+            compiled = _bytecode(source, name) if bytecode and source is not None else None
+            if compiled is not None:
+                folder, module = os.path.split(name)
+                pyc = tarfile.TarInfo(f"{folder}/__pycache__/{module[:-3]}.{sys.implementation.cache_tag}.pyc")
+                pyc.size, pyc.mtime, pyc.mode = len(compiled), member.mtime, 0o644
+                yield pyc, compiled
+
+
 def code_archive(package: bytes, path: str, *, bytecode: bool = False) -> str:
     """Write the code package's files under ``code/`` as a plain tar at ``path`` (atomically) and
     return ``path``. Built once per package and reused by every task: the sandbox then unpacks
@@ -162,30 +184,50 @@ def code_archive(package: bytes, path: str, *, bytecode: bool = False) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".code-", suffix=".tar", dir=os.path.dirname(path))
     try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar,
-            tarfile.open(fileobj=io.BytesIO(package), mode="r:*") as code,
-        ):
-            for member in code:
-                if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
-                    continue
-                source = code.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
-                name = f"{CODE_PREFIX}/{member.name.removeprefix('./')}"
-                member.name = name
-                tar.addfile(member, io.BytesIO(source) if source is not None else None)
-                compiled = _bytecode(source, name) if bytecode and source is not None else None
-                if compiled is not None:
-                    folder, module = os.path.split(name)
-                    pyc = tarfile.TarInfo(f"{folder}/__pycache__/{module[:-3]}.{sys.implementation.cache_tag}.pyc")
-                    pyc.size, pyc.mtime, pyc.mode = len(compiled), member.mtime, 0o644
-                    tar.addfile(pyc, io.BytesIO(compiled))
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for member, content in _code_members(package, bytecode=bytecode):
+                tar.addfile(member, io.BytesIO(content) if content is not None else None)
             end = tar.offset  # where the members end and the end-of-archive blocks begin
             tar.close()
             out.truncate(end)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def code_directory(package: bytes, path: str, *, bytecode: bool = False) -> str:
+    """Unpack the code package's files into the directory ``path`` (which appears whole or not
+    at all) and return it: what a backend sharing this machine's directories mounts read-only
+    as the code of every sandbox (``SandboxSpec.read_only_dirs``). ``bytecode`` as in
+    ``code_archive``: a read-only code directory could not take the ``.pyc`` files otherwise."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".code-", suffix=".d", dir=parent)
+    try:
+        for member, content in _code_members(package, bytecode=bytecode):
+            target = os.path.join(tmp, member.name.removeprefix(f"{CODE_PREFIX}/"))
+            if content is None:
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as out:
+                out.write(content)
+            os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
+        # Where Metaflow looks for its local root (cards, before 2.13 only in the working
+        # directory): the sandbox links `../.metaflow` to its datastore root (``task_script``).
+        with contextlib.suppress(FileExistsError):  # the package's own wins
+            os.symlink(f"../{LOCAL_ROOT}", os.path.join(tmp, LOCAL_ROOT))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide it from a sandbox's own uid
+        os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(path):  # another process built it first: the same files
+            return path
+        raise e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -203,41 +245,34 @@ def _bytecode(source: bytes, name: str) -> bytes | None:
     return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
 
 
-def cached_code_archive(
-    package_sha: str, load: Callable[[], bytes], cache_dir: str, *, bytecode: bool = False, max_age_s: float = 86400
-) -> str:
+def _flavour(bytecode: bool) -> str:
+    return f"-{sys.implementation.cache_tag}" if bytecode else ""
+
+
+def cached_code_archive(package_sha: str, load: Callable[[], bytes], cache_dir: str, *, bytecode: bool = False) -> str:
     """The code archive of ``package_sha`` from ``cache_dir``, built with ``load()`` on first use."""
-    flavour = f"-{sys.implementation.cache_tag}" if bytecode else ""
     # "open": without end-of-archive blocks (see code_archive); older cached archives had them.
-    path = os.path.join(cache_dir, f"{package_sha}{flavour}.open.tar")
-    return _cached(path, lambda: code_archive(load(), path, bytecode=bytecode), max_age_s)
+    path = os.path.join(cache_dir, f"{package_sha}{_flavour(bytecode)}.open.tar")
+    return code_cache.cached(path, lambda: code_archive(load(), path, bytecode=bytecode))
 
 
-def cached_package(package_sha: str, load: Callable[[], bytes], cache_dir: str, *, max_age_s: float = 86400) -> str:
+def cached_code_directory(
+    package_sha: str, load: Callable[[], bytes], cache_dir: str, *, bytecode: bool = False
+) -> str:
+    """The unpacked code of ``package_sha`` from ``cache_dir``, unpacked with ``load()`` on first use."""
+    path = os.path.join(cache_dir, f"{package_sha}{_flavour(bytecode)}.d")
+    return code_cache.cached(path, lambda: code_directory(load(), path, bytecode=bytecode))
+
+
+def cached_package(package_sha: str, load: Callable[[], bytes], cache_dir: str) -> str:
     """The code package of ``package_sha`` as Metaflow made it, as a file in ``cache_dir``."""
     path = os.path.join(cache_dir, f"{package_sha}.pkg")
 
-    def write() -> str:
+    def write() -> None:
         os.makedirs(cache_dir, exist_ok=True)
         _write_atomically(path, load())
-        return path
 
-    return _cached(path, write, max_age_s)
-
-
-def _cached(path: str, build: Callable[[], str], max_age_s: float) -> str:
-    """``path`` if it exists, else ``build()``; entries of its directory unused for ``max_age_s``
-    are removed when a new one is built."""
-    if os.path.exists(path):
-        os.utime(path)  # recently used: keep it
-        return path
-    now = time.time()
-    cache_dir = Path(path).parent
-    for old in cache_dir.iterdir() if cache_dir.is_dir() else []:
-        with contextlib.suppress(OSError):
-            if old.suffix in (".tar", ".pkg") and now - old.stat().st_mtime > max_age_s:
-                old.unlink()
-    return build()
+    return code_cache.cached(path, write)
 
 
 def build_inputs(
@@ -252,7 +287,8 @@ def build_inputs(
     file of ``named`` (archive member name -> path) under its own name.
 
     ``code_tar`` (from ``code_archive``) is the code as files under ``code/``; without it the
-    ``package`` file travels as ``mfsbx/job.tar`` for Metaflow's own extract commands.
+    ``package`` file travels as ``mfsbx/job.tar`` for Metaflow's own extract commands; with
+    neither, the sandbox has its code already (a shared ``code_directory``).
     """
     staged = Staged()
     with open(archive, "wb") as out:
@@ -261,7 +297,7 @@ def build_inputs(
                 shutil.copyfileobj(code, out)
         # Members are written from the current position on: after the code, or from the start.
         with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            if not code_tar:
+            if not code_tar and package:
                 info = tar.gettarinfo(package, arcname=PACKAGE_MEMBER)
                 info.mode = 0o644
                 with open(package, "rb") as data:

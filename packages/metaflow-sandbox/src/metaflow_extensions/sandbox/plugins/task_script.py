@@ -31,7 +31,7 @@ def script(req: TaskRequest) -> str:
     # Metaflow's own variables, whose values expand $PWD: double quotes on purpose.
     exports = "".join(f'export {k}="{v}"; ' for k, v in req.extract_env.items())
     extract = " && ".join(req.extract_commands)
-    inline = req.code_tar is not None
+    inline = req.code_tar is not None or bool(req.code_dir)  # no job.tar: the code is in place or in.tar's
     unpack_code = (
         "cd code"
         if inline
@@ -73,8 +73,11 @@ def _datastore_setup(req: TaskRequest) -> str:
             # Without inline code the unpack step skipped code/ members: the run's metadata is one.
             setup = f"tar -x -f ../{staging.IN_ARCHIVE} --strip-components=1 --wildcards 'code/*' && {setup}"
         return setup
-    # Metaflow finds the card root (and a default datastore) by walking up to `.metaflow`.
-    return f"ln -sfn {shlex.quote(req.location.root)} .metaflow"
+    # Metaflow finds the card root (and a default datastore) in `.metaflow`, walking up from the
+    # code directory (before 2.13 only there). A shared, read-only code directory has its own
+    # `.metaflow` -> `../.metaflow` (``staging.code_directory``); the target is this sandbox's.
+    link = f"ln -sfn {shlex.quote(req.location.root)} ../.metaflow"
+    return f"{link} && {{ [ -L .metaflow ] || ln -s ../.metaflow .metaflow; }}"
 
 
 def write_secrets(secrets: Mapping[str, str], folder: str) -> str:

@@ -7,7 +7,8 @@ On disk, under ``root`` (default ``$TMPDIR/metaflow-sandbox-local-<uid>``)::
 
     <id>/sandbox.json   id, labels, owner pid + start time, deadline (what ``list`` reads)
     <id>/fs/            the sandbox's root filesystem under bubblewrap; ``fs/home/sandbox`` is the
-                        working directory (the process-mode cwd too)
+                        working directory (the process-mode cwd too), where the directories of
+                        ``SandboxSpec.read_only_dirs`` are mounted read-only (copied in process mode)
     <id>/pids/<pgid>    process groups of running commands, so another process can kill them
 
 A sandbox whose owner process is gone or whose lifetime passed is reaped on the next ``create``
@@ -97,7 +98,7 @@ class LocalSandbox(Sandbox):
         self._procs: set[subprocess.Popen[bytes]] = set()
         self._procs_lock = threading.Lock()
         if isolation == "bwrap":
-            self._prefix = bwrap_prefix(self._rootfs, network=spec.network)
+            self._prefix = bwrap_prefix(self._rootfs, network=spec.network, read_only=spec.read_only_dirs)
             self._env = base_env(home=WORKDIR, tmpdir="/tmp")
         else:
             self._prefix = supervisor_prefix()
@@ -267,6 +268,24 @@ def spread_subdirectories(directory: Path) -> None:
             os.close(fd)
 
 
+def _share_dirs(read_only: Mapping[str, str], workdir: Path, *, copy: bool) -> None:
+    """Give a new sandbox the directories of ``SandboxSpec.read_only_dirs`` under ``workdir``.
+
+    Under bubblewrap only the mount points are made: each command mounts the shared directory
+    read-only there, so a thousand-file code package costs nothing per sandbox and no task can
+    change it. Process mode has no mounts and no isolation: each sandbox gets its own copy (its
+    commands could write to the shared one through any path anyway, so a copy keeps one task's
+    accidents away from the next).
+    """
+    for inside, host in read_only.items():
+        target = workdir / inside
+        if copy:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(host, target, symlinks=True)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+
+
 class LocalBackend(SandboxBackend):
     """Sandboxes on this machine. ``isolation``: ``auto`` (bubblewrap if usable, else processes
     with a warning), ``bwrap`` (required) or ``process`` (no isolation); default from
@@ -278,6 +297,7 @@ class LocalBackend(SandboxBackend):
 
     name = "local"
     runs_launcher_python = True
+    shares_host_dirs = True
     options = (
         Option("isolation", default="auto", choices=ISOLATION_MODES, help=_ISOLATION_HELP),
         Option("root", help="where sandboxes live; default `$TMPDIR/metaflow-sandbox-local-<uid>`"),
@@ -289,6 +309,12 @@ class LocalBackend(SandboxBackend):
         self.root = Path(root or os.environ.get(ROOT_ENV) or default_root).absolute()
 
     def create(self, spec: SandboxSpec) -> LocalSandbox:
+        missing = [host for host in spec.read_only_dirs.values() if not os.path.isdir(host)]
+        if missing:
+            raise ConfigurationError(
+                f"SandboxSpec.read_only_dirs names {missing[0]!r}, which is not a directory on this machine.",
+                remedy="Create the directory first, or remove it from read_only_dirs.",
+            )
         if spec.image is not None:
             raise ConfigurationError(
                 f"The local backend has no images (got image={spec.image!r}): it uses this machine's system.",
@@ -308,6 +334,7 @@ class LocalBackend(SandboxBackend):
             (directory / "fs" / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
         if self.isolation == "bwrap":
             prepare_rootfs(directory / "fs")
+        _share_dirs(spec.read_only_dirs, directory / "fs" / WORKDIR.lstrip("/"), copy=self.isolation != "bwrap")
         meta = {
             "id": sandbox_id,
             "labels": dict(spec.labels),

@@ -6,7 +6,8 @@ Under bubblewrap a sandbox's private directory becomes its root filesystem (so a
 can be created inside it, privately), the system directories, the parts of ``/etc`` a program
 needs and the launcher's Python environment are mounted read-only on top, and the process gets its
 own mount, pid, ipc and uts namespaces (and network namespace when ``network=False``). The user's
-home and the launcher's working directory are simply never mounted.
+home and the launcher's working directory are simply never mounted. Directories a spec shares
+(``SandboxSpec.read_only_dirs``) are mounted read-only under the working directory.
 
 Commands hold no capabilities and run as the unprivileged ``sandbox`` user (uid 1000) of a user
 namespace of their own where the kernel allows one, so that "root on the host" reaches nothing more
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -149,8 +151,10 @@ def prepare_rootfs(rootfs: Path) -> None:
     (etc / "group").write_text(_ETC_GROUP)
 
 
-def bwrap_prefix(rootfs: Path, *, network: bool) -> list[str]:
-    """The bubblewrap command line that runs what follows it inside the sandbox at ``rootfs``."""
+def bwrap_prefix(rootfs: Path, *, network: bool, read_only: Mapping[str, str] | None = None) -> list[str]:
+    """The bubblewrap command line that runs what follows it inside the sandbox at ``rootfs``;
+    ``read_only`` maps paths under the working directory to host directories mounted there
+    read-only (shared by every sandbox that asks: see ``SandboxSpec.read_only_dirs``)."""
     argv = [shutil.which("bwrap") or "bwrap", "--bind", str(rootfs), "/"]
     for path in _SYSTEM_PATHS:
         if os.path.isdir(path) and not os.path.islink(path):
@@ -162,6 +166,9 @@ def bwrap_prefix(rootfs: Path, *, network: bool) -> list[str]:
     for path in python_paths():
         argv += ["--ro-bind", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev", "--dir", "/tmp", "--dir", WORKDIR, "--chdir", WORKDIR]
+    for inside, host in (read_only or {}).items():
+        # The mount point exists already (``LocalBackend.create``): bwrap needs not write the root.
+        argv += ["--ro-bind", host, f"{WORKDIR}/{inside}"]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
     if user_namespaces():
         argv += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
