@@ -14,8 +14,10 @@ credentials, image), as ``@batch`` does on launch failures.
 from __future__ import annotations
 
 import os
+import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 
 from metaflow_extensions.sandbox.core import (
     CommandTimeout,
@@ -28,7 +30,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import direct, staging
+from . import direct, service_relay, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
@@ -100,13 +102,14 @@ class SandboxTask:
         if os.environ.get(TIMINGS_ENV):
             env[TIMINGS_ENV] = "1"
         try:
-            result = sbx.run(
-                script(req),
-                env=env,
-                timeout_s=req.hard_limit_s,
-                on_stdout=self.logs.sink("stdout"),
-                on_stderr=self.logs.sink("stderr"),
-            )
+            with service_relay.heartbeat(req.service_url, req.service_headers, req.location, say):
+                result = sbx.run(
+                    script(req),
+                    env=env,
+                    timeout_s=req.hard_limit_s,
+                    on_stdout=self.logs.sink("stdout"),
+                    on_stderr=self.logs.sink("stderr"),
+                )
         except CommandTimeout as e:
             raise SandboxError(
                 f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
@@ -135,6 +138,8 @@ class SandboxTask:
         staging.merge_outputs(outbound, req.location, known_blobs, attempt=req.attempt)
         self._timed("merge", start)
         destroying.result()
+        if req.service_url:
+            return self._replay(lambda: service_relay.meta_files_in_archive(outbound, req.location), result.exit_code)
         return result.exit_code
 
     def _finish_direct(self, exit_code: int) -> int:
@@ -150,6 +155,22 @@ class SandboxTask:
             say(str(e))
         self._timed("sync_metadata", start)
         destroying.result()
+        if self.req.service_url:
+            return self._replay(lambda: direct.task_meta_files(self.req), exit_code)
+        return exit_code
+
+    def _replay(self, files: Callable[[], dict[str, bytes]], exit_code: int) -> int:
+        """Relayed metadata service: replay what the task recorded in the sandbox (the merge or the
+        datastore has it by now). A successful task whose metadata cannot reach the service fails:
+        the Client API would not see it."""
+        req, start = self.req, time.monotonic()
+        try:
+            service_relay.replay(req.service_url, req.service_headers, req.location, files())
+        except (service_relay.RelayError, direct.DirectError, OSError, tarfile.TarError) as e:
+            if exit_code == 0:
+                raise SandboxError(f"Could not relay the task's metadata: {e}") from e
+            say(f"Could not relay the task's metadata: {e}")
+        self._timed("replay_metadata", start)
         return exit_code
 
     def destroy(self) -> None:
@@ -212,7 +233,8 @@ def _execute(task: SandboxTask, tmp: str) -> int:
     except SandboxError as e:
         say(f"Could not create a {task.req.backend!r} sandbox: {e}")
         return exit_code_for(e)
-    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task (data path: {task.req.data_path}).")
+    relayed = ", metadata: relay" if task.req.service_url else ""
+    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task (data path: {task.req.data_path}{relayed}).")
     try:
         return task.run(sbx, inbound, known_blobs)
     except staging.UntrustedOutput as e:

@@ -53,6 +53,9 @@ class TaskRequest:
     # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
     secret_env: Mapping[str, str] = field(default_factory=dict)
     metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
+    # Metadata service on the relay path: the launcher heartbeats and replays (headers are secrets).
+    service_url: str = ""
+    service_headers: Mapping[str, str] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:
