@@ -238,12 +238,12 @@ REMOTE_CELLS = [
 @nox.session
 @nox.parametrize("backend,metaflow", REMOTE_CELLS)
 def remote(session: nox.Session, backend: str, metaflow: str) -> None:
-    """Flows on an S3 datastore (moto_server) with every step in a sandbox, on one backend."""
+    """Flows on S3 (moto_server) and the metadata service (metaflow-local-service), steps in sandboxes."""
     session.install(
-        *PYTEST, *TEST_DEPS[backend], "moto[server]", f"metaflow=={metaflow}",
+        *PYTEST, *TEST_DEPS[backend], "moto[server]", "metaflow-local-service", f"metaflow=={metaflow}",
         *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
     )  # fmt: skip
-    show_versions(session, "metaflow", "moto", "boto3")
+    show_versions(session, "metaflow", "moto", "boto3", "metaflow-local-service")
     # worksteal: the two long flow tests live in one file; a free worker takes the second one.
     session.run(
         "pytest", *XDIST, "--dist", "worksteal", "tests-shared/remote", *session.posargs,
