@@ -3,7 +3,9 @@
 Layer: tests-shared. Imports: the standard library; ``metaflow_local_service``, ``uvicorn`` and
 ``starlette`` only in the server process (``python -m sandbox_testing.metadata_service``).
 
-The server is the package's own FastAPI app (``metaflow_local_service.server.create_app``, what its
+The server runs in an environment of its own (``MFSBX_METADATA_SERVICE_PYTHON``), as a deployed
+service would: it needs a newer Metaflow than the oldest one the flows are tested with. It is the
+package's own FastAPI app (``metaflow_local_service.server.create_app``, what its
 daemon serves), run with uvicorn like the daemon does, plus one thing the daemon lacks: a request
 journal (method, path, the ``x-api-key`` header) written line by line to a file. The service keeps
 heartbeats only in memory and logs no requests, so the journal is how a test sees that every task's
@@ -31,6 +33,8 @@ from pathlib import Path
 from .emulators import free_port, stop
 
 READY_S = 60
+# The interpreter of the service's own environment (the nox session makes one); default: this one.
+PYTHON_ENV = "MFSBX_METADATA_SERVICE_PYTHON"
 API_KEY = "mfsbx-service-key-never-in-a-sandbox"
 
 
@@ -63,7 +67,7 @@ def start_metadata_service(root: Path) -> Iterator[MetadataService]:
     tests_shared = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_shared, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox_testing.metadata_service", "--port", str(port),
+        [os.environ.get(PYTHON_ENV) or sys.executable, "-m", "sandbox_testing.metadata_service", "--port", str(port),
          "--metaflow-root", str(root), "--journal", str(journal)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
