@@ -73,8 +73,9 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def metadata_path(url: str, backend: str, network: bool, requested: str | None = None) -> str:
-    """``direct`` or ``relay`` for a task (see the module docstring), or a SandboxException naming the fix."""
+def requested_path(network: bool, requested: str | None = None) -> str:
+    """The requested metadata path (``requested``, else ``METAFLOW_SANDBOX_METADATA_PATH``), checked
+    against the step's network; a SandboxException naming the fix. Called before the run too."""
     choice = (requested if requested is not None else os.environ.get(PATH_ENV, "auto")).strip().lower() or "auto"
     if choice not in PATHS:
         raise SandboxException(f"{PATH_ENV}={choice!r} must be one of {', '.join(PATHS)}.")
@@ -83,6 +84,12 @@ def metadata_path(url: str, backend: str, network: bool, requested: str | None =
             f"{PATH_ENV}=direct needs the sandbox's network, but the step has @sandbox(network=False). "
             f"Unset {PATH_ENV} (the task's metadata is then relayed by the launcher)."
         )
+    return choice
+
+
+def metadata_path(url: str, backend: str, network: bool, requested: str | None = None) -> str:
+    """``direct`` or ``relay`` for a task (see the module docstring), or a SandboxException naming the fix."""
+    choice = requested_path(network, requested)
     if choice != "auto":
         return choice
     if not network or (is_loopback(url) and backend != "local"):
