@@ -187,6 +187,19 @@ def conformance(session: nox.Session, backend: str, sdk: str) -> None:
     session.run("pytest", *XDIST, f"tests-shared/conformance/test_{backend}.py", *session.posargs)
 
 
+# The SDK the Modal wire emulator is checked with, until metaflow-sandbox-modal brings its own
+# conformance cells (then this moves into SDK_VERSIONS).
+MODAL_SDK = "modal==1.6.4"
+
+
+@nox.session
+def modal_emulator(session: nox.Session) -> None:
+    """The Modal wire emulator through the real `modal` SDK."""
+    session.install(*PYTEST, MODAL_SDK, *wheels(session, "core"))
+    show_versions(session, "modal")
+    session.run("pytest", *XDIST, "tests-shared/conformance/test_modal_emulator.py", *session.posargs)
+
+
 EXAMPLE_BACKEND = ROOT / "docs" / "examples" / "metaflow-sandbox-tmpdir"
 
 

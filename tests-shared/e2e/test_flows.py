@@ -48,6 +48,10 @@ def test_linear_flow_parameters_env_logs_and_metadata(flowdir, backend_name):
     assert end["artifacts"]["in_sandbox_at_end"] is False and not end["sandbox"]
     # Streamed live, with Metaflow's task prefix.
     assert re.search(r"\[\S+/start/1 \(pid \d+\)\] start says hi", proc.stdout + proc.stderr)
+    # One lifecycle line per sandboxed task (start, middle), at its end.
+    phases = r"create [\d.]+s, stage [\d.]+s, run [\d.]+s, merge [\d.]+s\."
+    lifecycle = re.findall(rf"Sandbox \S+ \({backend_name}, \S+, data path \w+\): {phases}", proc.stdout + proc.stderr)
+    assert len(lifecycle) == 2, proc.stdout + proc.stderr
     logs = flowdir.run("linear_flow.py", "logs", f"{run['id']}/start")
     assert "start says hi" in logs.stdout + logs.stderr
     err_logs = flowdir.run("linear_flow.py", "logs", "--stderr", f"{run['id']}/start")
@@ -107,6 +111,9 @@ def test_config_values_reach_the_sandboxed_step(flowdir, backend_name):
 def test_user_exception_fails_the_run_after_retries(flowdir):
     proc = flowdir.run("failing_flow.py", "run", "--mode", "exception", ok=False)
     assert "boom-user-error" in proc.stdout + proc.stderr
+    # The traceback names the user's file, not the sandbox's copy of it.
+    assert f'File "{flowdir.path / "failing_flow.py"}", line' in proc.stdout + proc.stderr
+    assert "/code/failing_flow.py" not in proc.stdout + proc.stderr
     assert "Task is starting (retry)" in proc.stdout + proc.stderr
     run = flowdir.inspect("FailingFlow")
     assert not run["successful"]
@@ -178,61 +185,123 @@ def test_a_step_cannot_plant_a_value_under_another_values_address(flowdir):
 INJECTED_NAME = '{"X; echo INJECTED >&2; Y": "v"}'
 
 
-def _bad_arguments() -> list[object]:
-    """(arguments, environment, what the message must say): refused before "Workflow starting"."""
+def _bad(flow_args: list[str], env: dict[str, str], message: str, case: str) -> object:
+    """A table row: ``flow.py`` arguments (``misconfigured_flow.py`` if they start with a case name
+    of it, else ``linear_flow.py ... run``), the environment, what the message must say."""
+    if flow_args and flow_args[0].startswith("misconfigured:"):
+        env = {**env, "SBX_MISCONFIG": flow_args[0].split(":", 1)[1]}
+        return pytest.param(["misconfigured_flow.py", "run"], env, message, id=case)
+    command = [] if flow_args[-1:] == ["create"] else ["run"]
+    return pytest.param(["linear_flow.py", *flow_args, *command], env, message, id=case)
+
+
+def _bad_input() -> list[object]:
+    """Malformed and hostile configurations, each refused before "Workflow starting" with a message
+    naming what to change. Rows that do not depend on the backend run in the local cell only (they
+    fail in the runtime before any backend is asked); the rest run on every backend."""
     backend = os.environ.get("MFSBX_E2E_BACKEND", "local")
-    cases = [
-        pytest.param(
-            ["--with", f"sandbox:env={INJECTED_NAME}"], {}, "is not a valid environment variable", id="env-name"
-        ),
-        pytest.param(
-            ["--with", f"environment:vars={INJECTED_NAME}"], {}, "is not a valid environment variable", id="environment"
-        ),
-        pytest.param(["--with", 'sandbox:options={"api_key": "sekrit"}'], {}, "is a credential", id="secret-option"),
-        pytest.param(
-            ["--with", 'sandbox:options={"colour": "blue"}'], {}, f"Unknown option 'colour' for the '{backend}'",
-            id="unknown-option",
-        ),
-        pytest.param(["--with", "sandbox:cpu=lots"], {}, "cpu='lots' must be a number", id="cpu"),
-        pytest.param(["--with", "sandbox:memory=-5"], {}, "memory", id="memory"),
-        pytest.param(["--with", "sandbox:backend=nosuch"], {}, "Unknown sandbox backend 'nosuch'", id="backend"),
-        pytest.param(["--with", "sandbox:env=notadict"], {}, "env must be a dict", id="env"),
+    w = "--with"
+    any_backend = [
+        # Decorator options, as `--with` strings.
+        _bad([w, f"sandbox:env={INJECTED_NAME}"], {}, "is not a valid environment variable", "env-name"),
+        _bad([w, f"environment:vars={INJECTED_NAME}"], {}, "is not a valid environment variable", "environment"),
+        _bad([w, 'sandbox:env={"A": "x\\u0000y"}'], {}, "holds a NUL character", "env-nul"),
+        _bad([w, "sandbox:env=notadict"], {}, "got 'notadict'", "env-not-json"),
+        _bad([w, "sandbox:env=[1]"], {}, "env must be a dict", "env-json-list"),
+        _bad([w, 'sandbox:env={"PATH": "/nowhere"}'], {}, "leaves out /usr/bin and /bin", "env-path"),
+        _bad([w, 'sandbox:options={"api_key": "sekrit"}'], {}, "is a credential", "secret-option"),
+        _bad([w, 'sandbox:options={"auth_token": "sekrit"}'], {}, "is a credential", "secret-option-word"),
+        _bad([w, "sandbox:options=isolation"], {}, "options must be a dict", "options-not-json"),
+        _bad([w, "sandbox:cpu=lots"], {}, "cpu=lots must be a number", "cpu-text"),
+        _bad([w, "sandbox:cpu=0"], {}, "cpu=0 must be at least 0.001", "cpu-zero"),
+        _bad([w, "sandbox:memory=-5"], {}, "memory=-5 must be at least 1", "memory-negative"),
+        _bad([w, "sandbox:memory=1.5"], {}, "memory=1.5 must be an integer", "memory-fraction"),
+        _bad([w, "sandbox:disk=big"], {}, "disk=big must be an integer", "disk-text"),
+        _bad([w, "sandbox:gpu=-1"], {}, "gpu=-1 must be at least 0", "gpu-negative"),
+        _bad([w, "sandbox:timeout=0"], {}, "timeout=0 must be at least 1", "timeout-zero"),
+        _bad([w, "sandbox:timeout=soon"], {}, "timeout=soon must be an integer", "timeout-text"),
+        _bad([w, "sandbox:network=maybe"], {}, "network='maybe' must be True/False", "network"),
+        _bad([w, "sandbox:data_path=teleport"], {}, "data_path='teleport' must be one of", "data-path"),
+        _bad([w, "sandbox:data_path=direct"], {}, "data_path='direct' needs a remote datastore", "direct-local"),
+        _bad([w, "sandbox:credentials=steal"], {}, "credentials='steal' must be one of", "credentials"),
+        _bad([w, "resources:cpu=-2"], {}, "@resources cpu=-2 must be at least 0", "resources-cpu"),
+        _bad([w, "sandbox:backend=nosuch"], {}, "Unknown sandbox backend 'nosuch'", "backend"),
+        _bad([], {"METAFLOW_SANDBOX_BACKEND": "nosuch"}, "Unknown sandbox backend 'nosuch'", "backend-variable"),
+        _bad([w, "daytona:backend=e2b"], {}, "Use @sandbox(backend='e2b') instead", "alias-backend-with"),
+        # Conflicts and what `--with` cannot say.
+        _bad(["misconfigured:batch"], {}, "has both @sandbox and @batch", "with-batch"),
+        _bad(["misconfigured:kubernetes"], {}, "has both @sandbox and @kubernetes", "with-kubernetes"),
+        _bad(["misconfigured:two-decorators"], {}, "use one sandbox decorator per step", "two-decorators"),
+        _bad(["misconfigured:alias-backend"], {}, "Use @sandbox(backend='e2b') instead", "alias-backend"),
+        _bad(["misconfigured:large-env-value"], {}, "BIG is 195 KiB; one environment variable", "env-value-size"),
+        _bad(["misconfigured:large-env"], {}, "add up to 1171 KiB", "env-size"),
+        _bad(["misconfigured:environment-path"], {}, "@environment(vars=...) on step start: PATH=", "environment-path"),
+        _bad(["misconfigured:timeout-fraction"], {}, "timeout=1.5 must be an integer", "timeout-fraction"),
+        _bad(["misconfigured:image-not-text"], {}, "image=3 must be a string", "image-not-text"),
+        _bad(["misconfigured:env-not-text"], {}, "env must be a dict", "env-list"),
+        _bad(["argo-workflows", "create"], {}, "which `argo-workflows` cannot deploy", "deployer"),
     ]  # fmt: skip
     per_backend = {
         "local": [
-            pytest.param([], {"METAFLOW_SANDBOX_LOCAL_ISOLATION": "chroot"}, "isolation='chroot' must be one of",
-                         id="isolation-variable"),
+            _bad([], {"METAFLOW_SANDBOX_LOCAL_ISOLATION": "chroot"}, "isolation='chroot' must be one of",
+                 "isolation-variable"),
+            _bad([w, 'sandbox:options={"isolation": "jail"}'], {}, "isolation='jail' must be one of",
+                 "isolation-option"),
+            _bad([], {"METAFLOW_SANDBOX_LOCAL_ROOT": "/proc/no-such-root"},
+                 "cannot keep its sandboxes in /proc/no-such-root", "local-root"),
+            _bad([], {"METAFLOW_SANDBOX_LOCAL_ROOT": "/etc/passwd/root"}, "Set METAFLOW_SANDBOX_LOCAL_ROOT",
+                 "local-root-file"),
         ],
         "daytona": [
-            pytest.param([], {"DAYTONA_API_KEY": ""}, "DAYTONA_API_KEY is not set", id="missing-key"),
-            pytest.param(["--with", 'sandbox:options={"create_timeout_s": "soon"}'], {},
-                         "create_timeout_s='soon' must be a number", id="option-type"),
-            pytest.param([], {"DAYTONA_API_URL": "http://127.0.0.1:9/api"}, "its API did not answer",
-                         id="unreachable-api"),
+            _bad([], {"DAYTONA_API_KEY": ""}, "DAYTONA_API_KEY is not set", "missing-key"),
+            _bad([w, 'sandbox:options={"create_timeout_s": "soon"}'], {},
+                 "create_timeout_s='soon' must be a number", "option-type"),
+            _bad([], {"DAYTONA_API_URL": "http://127.0.0.1:9/api"}, "its API did not answer", "unreachable-api"),
         ],
-        "e2b": [pytest.param([], {"E2B_API_KEY": ""}, "export E2B_API_KEY=", id="missing-key")],
+        "e2b": [_bad([], {"E2B_API_KEY": ""}, "export E2B_API_KEY=", "missing-key")],
     }  # fmt: skip
+    cases = any_backend if backend == "local" else []
+    cases.append(_bad([w, 'sandbox:options={"colour": "blue"}'], {}, f"Unknown option 'colour' for the '{backend}'",
+                      "unknown-option"))  # fmt: skip
     cases += per_backend.get(backend, [])
     for alias, dist in (("daytona", "metaflow-sandbox-daytona"), ("e2b", "metaflow-sandbox-e2b")):
         try:
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
-            cases.append(pytest.param(["--with", alias], {}, f"pip install {dist}", id=f"{alias}-not-installed"))
+            cases.append(_bad([w, alias], {}, f"pip install {dist}", f"{alias}-not-installed"))
     return cases
 
 
-@pytest.mark.parametrize(("args", "env", "message"), _bad_arguments())
-def test_bad_arguments_fail_before_anything_runs(flowdir, args, env, message):
-    proc = flowdir.run("linear_flow.py", *args, "run", ok=False, env=env)
+@pytest.mark.parametrize(("flow_args", "env", "message"), _bad_input())
+def test_bad_input_is_refused_before_any_sandbox_exists(flowdir, flow_args, env, message, request):
+    # A user of its own: on a provider, the sandboxes of this run alone are listed (other tests
+    # run the same flows on the same emulator meanwhile).
+    user = {"USERNAME": f"bad-input-{request.node.callspec.id}"}
+    flow, *args = flow_args
+    proc = flowdir.run(flow, *args, ok=False, env={**user, **env})
     out = proc.stdout + proc.stderr
     assert "Sandbox error" in out and message in out, out
     assert "Workflow starting" not in out and "INJECTED" not in out.replace("echo INJECTED", "")
-    assert "sekrit" not in out
+    assert "sekrit" not in out and "Traceback" not in out
+    if flowdir.backend == "local":
+        assert flowdir.live_sandboxes(flow) == []
+    else:
+        listed = flowdir.run(flow, "sandbox", "list", "--my-runs", env=user)
+        assert [line for line in (listed.stdout + listed.stderr).splitlines() if line.startswith(flowdir.backend)] == []
 
 
-def test_deployers_fail_fast(flowdir):
-    proc = flowdir.run("linear_flow.py", "argo-workflows", "create", ok=False)
-    assert "cannot deploy" in proc.stdout + proc.stderr
+def test_a_local_backend_warning_is_said_once_per_run(flowdir, backend_name, tmp_path):
+    if backend_name != "local":
+        pytest.skip("the warning of the local backend without bubblewrap")
+    # A bubblewrap that cannot create namespaces (as in many containers): plain processes, warned.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "bwrap").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "bwrap").chmod(0o755)
+    proc = flowdir.run("linear_flow.py", "run", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    out = proc.stdout + proc.stderr
+    assert out.count("NOT an isolation boundary") == 1, out
+    assert "IsolationWarning" not in out and "(local, process, data path relay)" in out
 
 
 def test_sandbox_doctor_checks_the_flows_backend(flowdir, backend_name):

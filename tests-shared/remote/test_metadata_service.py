@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 FLOW, FLOW_CLASS = "service_flow.py", "ServiceFlow"
 SANDBOX_FIELDS = {"sandbox-backend", "sandbox-id"}
-RELAYED = "metadata: relay)"
+RELAYED = "metadata relay)"
 
 
 def run_flow(fd: FlowDir, *args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
@@ -113,6 +113,6 @@ def test_service_metadata_relayed_on_s3_matches_a_plain_run(s3dir, metadata_serv
     # The S3 data path needs the network; the metadata is relayed by choice (the direct metadata
     # path is the local datastore test's).
     relayed_id, output = run_flow(fd, "--with", "sandbox", env={"METAFLOW_SANDBOX_METADATA_PATH": "relay"})
-    assert "(data path: direct, metadata: relay)" in output
+    assert "data path direct, metadata relay)" in output
     assert_matches_plain(fd, metadata_service, plain_id, relayed_id, backend_name, relayed=True)
     assert fd.live_sandboxes(FLOW) == []

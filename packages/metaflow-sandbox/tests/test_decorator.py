@@ -41,11 +41,11 @@ def test_strings_from_with_are_parsed_and_resources_take_the_maximum():
 @pytest.mark.parametrize(
     ("attrs", "message"),
     [
-        ({"cpu": "lots"}, "cpu='lots' must be a number"),
+        ({"cpu": "lots"}, "cpu=lots must be a number"),
         ({"memory": 1.5}, "memory=1.5 must be an integer"),
         ({"memory": 0}, "memory=0 must be at least 1"),
         ({"gpu": -1}, "gpu=-1 must be at least 0"),
-        ({"timeout": "soon"}, "timeout='soon' must be an integer"),
+        ({"timeout": "soon"}, "timeout=soon must be an integer"),
         ({"network": "maybe"}, "network='maybe' must be True/False"),
         ({"env": ["K"]}, 'env must be a dict of strings, e.g. env={"KEY": "value"}'),
         ({"env": {"NOT OK": "v"}}, "'NOT OK' is not a valid environment variable name"),
@@ -54,12 +54,21 @@ def test_strings_from_with_are_parsed_and_resources_take_the_maximum():
         ({"options": {"api_key": "sekrit"}}, "set the environment variable the local backend reads for it"),
         ({"options": {"github_token": "t"}}, "is a credential"),
         ({"image": 3}, "image=3 must be a string"),
+        ({"env": "notjson"}, "got 'notjson'"),
+        ({"env": {"PATH": "/nowhere"}}, "PATH='/nowhere' leaves out /usr/bin and /bin"),
+        ({"env": {"BIG": "x" * 200_000}}, "BIG is 195 KiB; one environment variable holds at most 128 KiB"),
+        ({"env": {f"V{i}": "x" * 100_000 for i in range(12)}}, "add up to 1171 KiB"),
     ],
 )
 def test_bad_attributes_name_the_step_and_the_fix(attrs, message):
     with pytest.raises(SandboxException, match=r"step \*train\*") as err:
         validated(SandboxDecorator(attributes=attrs))
     assert message in str(err.value)
+
+
+def test_a_path_that_keeps_the_system_directories_is_accepted():
+    attrs = validated(SandboxDecorator(attributes={"env": {"PATH": "/opt/tools/bin:/usr/bin:/bin"}}))
+    assert attrs["env"]["PATH"] == "/opt/tools/bin:/usr/bin:/bin"
 
 
 def environment(**variables):

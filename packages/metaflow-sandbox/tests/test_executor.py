@@ -10,13 +10,17 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
+import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
 
 from metaflow_extensions.sandbox.core import ConfigurationError, ImageError, SandboxUnavailable
-from metaflow_extensions.sandbox.plugins import executor, request, staging
+from metaflow_extensions.sandbox.plugins import executor, request, staging, task_script
 
 
 def code_package(files: dict[str, str]) -> bytes:
@@ -128,3 +132,59 @@ def test_a_step_that_plants_content_under_another_address_saves_nothing_and_is_n
     assert not Path(loc.blob_dir, key[:2], key).exists(), "the planted blob entered the datastore"
     assert not Path(loc.task_dir, "0.DONE.lock").exists()
     assert "does not hash to it" in capfd.readouterr().err
+
+
+def test_each_task_says_one_lifecycle_line_with_where_the_time_went(request_for, capfd):
+    req = request_for("echo working")
+    assert executor.execute(req) == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("Sandbox sbx-")]
+    assert len(lines) == 1, err
+    assert re.fullmatch(
+        r"Sandbox sbx-\w+ \(local, (bubblewrap|process), data path relay\): "
+        r"create \d+\.\d\ds, stage \d+\.\d\ds, run \d+\.\d\ds, merge \d+\.\d\ds\.",
+        lines[0],
+    ), lines[0]
+    assert "Uploading" not in err and "Merging" not in err, "small tasks say nothing of staging"
+
+
+def test_staging_a_large_task_says_so(request_for, capfd, monkeypatch):
+    monkeypatch.setattr(executor, "PROGRESS_BYTES", 0)  # every archive counts as large
+    assert executor.execute(request_for("true")) == 0
+    err = capfd.readouterr().err
+    assert re.search(r"Uploading \d+ MB of task inputs to sandbox sbx-\w+\.\.\.", err), err
+    assert re.search(r"Merging \d+ MB of task outputs from sandbox sbx-\w+\.\.\.", err), err
+
+
+def test_tracebacks_name_the_flows_own_file(request_for, tmp_path):
+    flow_dir = tmp_path / "project"
+    flow_dir.mkdir()
+    (flow_dir / "flow.py").write_text("raise ValueError('boom')\n")
+    package = tmp_path / "failing.tgz"
+    package.write_bytes(code_package({"flow.py": "raise ValueError('boom')\n"}))
+    command = f"{shlex.quote(sys.executable)} flow.py"
+    req = request_for(command, package=str(package), flow_dir=str(flow_dir))
+    assert executor.execute(req) == 1
+    stderr = logs_of(req.location)["stderr"]
+    assert f'File "{flow_dir}/flow.py", line 1' in stderr, stderr
+    assert "/code/flow.py" not in stderr and task_script.CODE_DIR not in stderr
+
+
+def test_warnings_the_runtime_showed_are_not_repeated(request_for):
+    req = request_for("true", shown_warnings=["The local sandbox backend runs commands as plain processes"])
+    assert executor.execute(req) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(
+            "The local sandbox backend runs commands as plain processes because of a test", UserWarning, stacklevel=1
+        )
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]
+
+
+def test_the_hard_limit_kill_names_the_fix_and_is_not_retried(request_for, capfd):
+    req = request_for("sleep 60", hard_limit_s=1)
+    assert executor.execute(req) == executor.EXIT_DISALLOW_RETRY
+    err = capfd.readouterr().err
+    assert "hard limit of 1 s" in err and "raise @sandbox(timeout=...)" in err and "not retried" in err, err
+    assert "transient" not in err
+    assert re.search(r"run \d+\.\d\ds\.", err), "the lifecycle line says how long the task ran"

@@ -14,9 +14,10 @@ credentials, image), as ``@batch`` does on launch failures.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 from metaflow_extensions.sandbox.core import (
@@ -34,12 +35,21 @@ from . import direct, service_relay, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
-from .request import TaskRequest
+from .request import TaskRequest, scratch_dir
 from .task_script import SECRETS_FILE, TIMINGS_ENV, script, write_secrets
 
 EXIT_INFRA_RETRYABLE = 1
 EXIT_DISALLOW_RETRY = 202  # metaflow.exception.METAFLOW_EXIT_DISALLOW_RETRY, stable since 2.x
 CREATE_GRACE_S = 30  # on interruption, how long a sandbox being created may take to appear
+PROGRESS_BYTES = 100 * 1024 * 1024  # staging more than this says so first: it takes a while
+# The lifecycle line's phases, each the sum of the detailed timings it covers.
+PHASES = {
+    "create": ("create",),
+    "stage": ("build_inputs", "upload"),
+    "run": ("task",),
+    "merge": ("download", "merge", "sync_metadata", "replay_metadata"),
+}
+ISOLATION_NAMES = {"bwrap": "bubblewrap"}  # a backend's ``isolation`` attribute, as users know it
 
 
 class SandboxTask:
@@ -47,8 +57,9 @@ class SandboxTask:
 
     def __init__(self, req: TaskRequest):
         self.req = req
-        self.logs = TaskLogs()
+        self.logs = TaskLogs(req.flow_dir)
         self.sandbox: Sandbox | None = None
+        self.isolation = "provider-isolated"  # a provider's sandbox is its own boundary
         self.creating: Background | None = None
         self.timings: dict[str, float] = {}
 
@@ -60,6 +71,10 @@ class SandboxTask:
         req = self.req
         start = time.monotonic()
         backend = get_backend(req.backend, **dict(req.backend_options))
+        # The local backend says how it isolates (bubblewrap or plain processes).
+        isolation = getattr(backend, "isolation", None)
+        if isinstance(isolation, str):
+            self.isolation = ISOLATION_NAMES.get(isolation, isolation)
         spec = SandboxSpec(
             image=req.image,
             env=dict(req.env),
@@ -92,6 +107,7 @@ class SandboxTask:
         ``SandboxError`` on infrastructure failures (the caller maps them to exit codes)."""
         req = self.req
         start = time.monotonic()
+        progress(f"Uploading {{}} of task inputs to sandbox {sbx.id}...", inbound)
         sbx.upload(inbound, staging.IN_ARCHIVE)
         if req.secret_env:
             sbx.upload(write_secrets(req.secret_env, os.path.dirname(inbound)), SECRETS_FILE)
@@ -111,13 +127,15 @@ class SandboxTask:
                     on_stderr=self.logs.sink("stderr"),
                 )
         except CommandTimeout as e:
-            raise SandboxError(
-                f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed. "
-                "Use @timeout on the step (it fires first, and @catch can handle it) or raise "
+            # Retrying would run into the same limit: raising the limit is the fix.
+            raise ConfigurationError(
+                f"The task ran past the sandbox's hard limit of {req.hard_limit_s} s and was killed.",
+                remedy="Use @timeout on the step (it fires first, and @retry and @catch handle it) or raise "
                 "@sandbox(timeout=...).",
                 sandbox_id=sbx.id,
             ) from e
-        self._timed("task", start)
+        finally:
+            self._timed("task", start)
         for (_, before), (name, after) in zip(self.logs.marks, self.logs.marks[1:], strict=False):
             self.timings[f"task.{name}"] = (after - before) / 1e9
         if self.logs.setup_error:
@@ -132,6 +150,7 @@ class SandboxTask:
         except SandboxFileNotFound as e:
             raise SandboxError(f"Sandbox {sbx.id} returned no task outputs.", sandbox_id=sbx.id) from e
         self._timed("download", start)
+        progress(f"Merging {{}} of task outputs from sandbox {sbx.id}...", outbound)
         # The sandbox is not needed any more: destroy it while the outputs are merged.
         destroying = Background(self.destroy)
         start = time.monotonic()
@@ -173,6 +192,19 @@ class SandboxTask:
         self._timed("replay_metadata", start)
         return exit_code
 
+    def lifecycle(self) -> str:
+        """The task's one line: where it ran and where the time went."""
+        assert self.sandbox is not None
+        req = self.req
+        spent = [
+            f"{phase} {sum(self.timings.get(name, 0.0) for name in names):.2f}s"
+            for phase, names in PHASES.items()
+            if any(name in self.timings for name in names)
+        ]
+        relayed = ", metadata relay" if req.service_url else ""
+        where = f"Sandbox {self.sandbox.id} ({req.backend}, {self.isolation}, data path {req.data_path}{relayed})"
+        return f"{where}: {', '.join(spent)}."
+
     def destroy(self) -> None:
         if self.sandbox is not None and not self.sandbox.destroyed:
             start = time.monotonic()
@@ -190,6 +222,13 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_INFRA_RETRYABLE
 
 
+def progress(message: str, path: str) -> None:
+    """Say ``message`` (``{}``: the size of ``path``) when the file is large enough to take a while."""
+    size = os.path.getsize(path)
+    if size > PROGRESS_BYTES:
+        say(message.format(f"{size / 1e6:.0f} MB"))
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux), for the launcher's own start-up timing."""
     try:
@@ -202,11 +241,13 @@ def process_age_s() -> float | None:
 
 def execute(req: TaskRequest) -> int:
     """Run ``req`` end to end; always destroy the sandbox and save the captured logs."""
+    for message in req.shown_warnings:  # the runtime said it once for the whole run
+        warnings.filterwarnings("ignore", message=re.escape(message))
     task = SandboxTask(req)
     age = process_age_s()
     if age is not None:
         task.timings["launcher_start"] = age
-    with tempfile.TemporaryDirectory(prefix="mfsbx-") as tmp:
+    with scratch_dir() as tmp:
         try:
             return _execute(task, tmp)
         finally:
@@ -215,6 +256,8 @@ def execute(req: TaskRequest) -> int:
                 task.creating.wait(CREATE_GRACE_S)
             task.destroy()
             save_task_logs(req, task.logs.blobs())
+            if task.sandbox is not None:
+                say(task.lifecycle())
             if os.environ.get(TIMINGS_ENV):
                 say("sandbox timings: " + ", ".join(f"{k}={v * 1000:.0f}ms" for k, v in task.timings.items()))
 
@@ -233,13 +276,14 @@ def _execute(task: SandboxTask, tmp: str) -> int:
     except SandboxError as e:
         say(f"Could not create a {task.req.backend!r} sandbox: {e}")
         return exit_code_for(e)
-    relayed = ", metadata: relay" if task.req.service_url else ""
-    say(f"Sandbox {sbx.id} ({task.req.backend}) is running the task (data path: {task.req.data_path}{relayed}).")
     try:
         return task.run(sbx, inbound, known_blobs)
     except staging.UntrustedOutput as e:
         say(f"Refused the outputs of sandbox {sbx.id}: {e} Nothing of this attempt was saved; it is not retried.")
         return EXIT_DISALLOW_RETRY
     except (SandboxError, staging.StagingError) as e:
-        say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
+        if exit_code_for(e) == EXIT_DISALLOW_RETRY:
+            say(f"Sandbox {sbx.id}: {e} Retrying cannot help: this attempt is not retried.")
+        else:
+            say(f"Infrastructure failure in sandbox {sbx.id}: {e} This may be transient: use @retry to retry.")
         return exit_code_for(e)

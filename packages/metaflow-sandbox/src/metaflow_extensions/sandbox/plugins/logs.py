@@ -13,6 +13,8 @@ backend.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import threading
 import uuid
@@ -21,7 +23,7 @@ from datetime import datetime, timezone
 
 from . import direct, staging
 from .request import TaskRequest
-from .task_script import MARK, SETUP_FAILED
+from .task_script import CODE_DIR, MARK, SETUP_FAILED
 
 
 def mflog_line(line: str, source: str = "task") -> bytes:
@@ -33,13 +35,23 @@ def mflog_line(line: str, source: str = "task") -> bytes:
 
 
 class TaskLogs:
-    """Echo the task's lines live as mflog lines and keep them for the datastore."""
+    """Echo the task's lines live as mflog lines and keep them for the datastore.
 
-    def __init__(self) -> None:
+    ``flow_dir``: the flow's directory on this machine. A traceback line naming a file of the
+    unpacked code in the sandbox (``/home/sandbox/code/flow.py``) names the user's own file instead,
+    when that file exists here (the code package holds the flow's directory as it is)."""
+
+    def __init__(self, flow_dir: str = "") -> None:
         self.lines: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.setup_error: str | None = None
         self.marks: list[tuple[str, int]] = []
+        self.flow_dir = flow_dir
+        self._code_file: re.Pattern[str] | None = None
         self._lock = threading.Lock()
+
+    def _local_path(self, match: re.Match[str]) -> str:
+        path = os.path.join(self.flow_dir, match.group(2))
+        return f'{match.group(1)}{path}"' if os.path.isfile(path) else match.group(0)
 
     def sink(self, stream: str) -> Callable[[str], None]:
         out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
@@ -52,6 +64,13 @@ class TaskLogs:
                 _, name, ns = line.split()
                 self.marks.append((name, int(ns)))
                 return
+            if stream == "stderr" and line.startswith(CODE_DIR):
+                code_dir = line[len(CODE_DIR) :].strip()
+                if self.flow_dir and code_dir:
+                    self._code_file = re.compile(r'(File ")' + re.escape(code_dir.rstrip("/")) + r'/([^"]+)"')
+                return
+            if self._code_file is not None and 'File "' in line:
+                line = self._code_file.sub(self._local_path, line)
             record = mflog_line(line)
             with self._lock:
                 self.lines[stream].append(record)

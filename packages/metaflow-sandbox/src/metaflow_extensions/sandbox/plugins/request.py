@@ -6,7 +6,8 @@ Imports: the core API (``Resources``), ``plugins.staging`` and the standard libr
 metaflow, which the launcher process does not load.
 
 The request may hold ``@sandbox(env=...)`` values and credentials: it never travels on a command
-line, only as a file this user alone can read, deleted by the launcher once read.
+line, only as a file this user alone can read, deleted by the launcher once read. The launcher's
+scratch directories live in a private folder the same way, and are swept the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ class TaskRequest:
     # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
     secret_env: Mapping[str, str] = field(default_factory=dict)
     metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
+    flow_dir: str = ""  # the flow's directory on the launcher's machine: tracebacks name its files
+    # Warnings the runtime showed once for the whole run (``preflight``): the launcher stays quiet.
+    shown_warnings: list[str] = field(default_factory=list)
     # Metadata service on the relay path: the launcher heartbeats and replays (headers are secrets).
     service_url: str = ""
     service_headers: Mapping[str, str] = field(default_factory=dict)
@@ -79,22 +84,40 @@ def save_request(req: TaskRequest) -> str:
     path. The launcher deletes it once read; what a launcher never read (it failed to start) is
     removed when the run ends (``forget_requests``) or, after a crash of the runtime, by the next
     runtime (files are named after the runtime's pid)."""
-    folder = _requests_dir()
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    _sweep_requests(folder)
+    folder = _private_dir(_requests_dir())
     fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".json", dir=folder)  # mode 0600
     os.close(fd)
     req.save(path)
     return path
 
 
-@functools.cache  # once per runtime
-def _sweep_requests(folder: str) -> None:
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    """The launcher's scratch directory (the inbound and outbound archives, the credentials file),
+    private and named after the launcher's pid: removed when the task ends, and the one of a
+    launcher killed with SIGKILL by the next launcher (as request files are)."""
+    folder = _private_dir(os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-scratch-{os.getuid()}"))
+    return tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=folder)
+
+
+def _private_dir(folder: str) -> str:
+    """``folder``, made private to this user, without what dead processes left in it."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    _sweep_dead_owners(folder)
+    return folder
+
+
+@functools.cache  # once per process and folder
+def _sweep_dead_owners(folder: str) -> None:
+    """Remove the entries ``<pid>-...`` of ``folder`` whose process is gone."""
     for name in os.listdir(folder):
         owner = name.split("-", 1)[0]
         if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def forget_requests() -> None:

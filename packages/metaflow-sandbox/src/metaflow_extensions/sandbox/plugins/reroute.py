@@ -28,7 +28,7 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import compat, staging
+from . import compat, preflight, staging
 from .metadata import task_labels
 from .request import TaskRequest, save_request
 
@@ -120,6 +120,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         datastore=deco.flow_datastore.TYPE,
         secret_env=secret_env,
         metadata_root=_local_metadata_root() if direct and metadata == "local" else "",
+        flow_dir=os.path.dirname(os.path.abspath(sys.argv[0])),
+        shown_warnings=preflight.shown_warnings(),
         service_url=relayed.url if relayed else "",
         service_headers=relayed.headers if relayed else {},
     )

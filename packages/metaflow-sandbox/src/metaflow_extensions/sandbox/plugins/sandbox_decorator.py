@@ -38,6 +38,13 @@ SECRET_WORDS = ("key", "token", "secret", "password", "credential")
 GRACE_S = 60
 # Without @timeout, Metaflow's own default run time limit (5 days) would apply.
 DEFAULT_RUN_TIME_LIMIT_S = 5 * 24 * 3600
+# Linux refuses to start a program with one ``NAME=value`` over 128 KiB (MAX_ARG_STRLEN), and a
+# whole environment near ARG_MAX (2 MiB with Metaflow's own variables and the command): refused
+# in step_init rather than failing in every task.
+MAX_ENV_ENTRY = 128 * 1024 - 1
+MAX_ENV_TOTAL = 1024 * 1024
+# Where every sandbox (local and the providers' Linux images) keeps bash, tar and coreutils.
+SYSTEM_BIN = ("/usr/bin", "/bin")
 
 
 def _is_true(value: Any) -> bool | None:
@@ -60,9 +67,9 @@ def _number(value: Any, name: str, step: str, *, integer: bool, minimum: float) 
             raise ValueError
     except (TypeError, ValueError):
         kind = "an integer" if integer else "a number"
-        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be {kind}.") from None
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value} must be {kind}.") from None
     if number < minimum:
-        raise SandboxException(f"@sandbox on step *{step}*: {name}={value!r} must be at least {minimum:g}.")
+        raise SandboxException(f"@sandbox on step *{step}*: {name}={value} must be at least {minimum:g}.")
     return number
 
 
@@ -144,7 +151,7 @@ class SandboxDecorator(StepDecorator):
         self._check_context(step, decos, flow_datastore, logger)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
-        self._preflight(step)
+        self._preflight(step, logger)
 
     def _dedupe(self, step: str, decos: list[Any]) -> bool:
         """``--with sandbox`` plus a static ``@daytona`` gives two decorators of one family: the
@@ -244,8 +251,9 @@ class SandboxDecorator(StepDecorator):
         except SandboxException as e:
             raise SandboxException(f"@{self.name} on step *{step}*: {e}") from None
 
-    def _preflight(self, step: str) -> None:
-        """Before ``run`` or ``resume`` starts tasks: the backend works with these options."""
+    def _preflight(self, step: str, logger: Any) -> None:
+        """Before ``run`` or ``resume`` starts tasks: the backend works with these options. Its
+        warnings are said here, once for the run (the launchers stay quiet)."""
         if os.environ.get(SANDBOX_ID_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
             return
         from metaflow_extensions.sandbox.core import SandboxError
@@ -253,9 +261,11 @@ class SandboxDecorator(StepDecorator):
         from .preflight import check_backend
 
         try:
-            check_backend(self.attributes["backend"], self.attributes["options"])
+            news = check_backend(self.attributes["backend"], self.attributes["options"])
         except SandboxError as e:
             raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
+        for message in news:
+            logger(f"Warning: {message}")
 
     def _check_env(self, step: str, decos: list[Any]) -> None:
         """Every variable name the sandbox gets (``env=`` and ``@environment``) must be a shell
@@ -267,11 +277,34 @@ class SandboxDecorator(StepDecorator):
         sources += [
             ("@environment(vars=...)", d.attributes.get("vars") or {}) for d in decos if d.name == "environment"
         ]
+        total = 0
         for what, env in sources:
+            where = f"{what} on step *{step}*"
             try:
-                check_env({str(k): str(v) for k, v in env.items()}, f"{what} on step *{step}*")
+                check_env({str(k): str(v) for k, v in env.items()}, where)
             except SandboxError as e:
                 raise SandboxException(str(e)) from e
+            for name, value in env.items():
+                size = len(f"{name}={value}".encode())
+                total += size
+                if size > MAX_ENV_ENTRY:
+                    raise SandboxException(
+                        f"{where}: {name} is {size // 1024} KiB; one environment variable holds at most "
+                        "128 KiB (a Linux limit). Pass large data as an artifact, a Parameter or IncludeFile, "
+                        "or a file in the code package (--package-suffixes)."
+                    )
+            path = env.get("PATH")
+            if path is not None and not set(str(path).split(":")) & set(SYSTEM_BIN):
+                raise SandboxException(
+                    f"{where}: PATH={path!r} leaves out /usr/bin and /bin, where the sandbox's shell and tools "
+                    f"are, so the task could not start. Keep them, e.g. PATH='{path}:/usr/local/bin:/usr/bin:/bin'."
+                )
+        if total > MAX_ENV_TOTAL:
+            raise SandboxException(
+                f"@{self.name} on step *{step}*: env and @environment add up to {total // 1024} KiB, over the "
+                f"{MAX_ENV_TOTAL // 1024} KiB a sandbox's environment can hold. Pass large data as an artifact, a "
+                "Parameter or IncludeFile, or a file in the code package (--package-suffixes)."
+            )
 
     def _refuse_secret_options(self, step: str) -> None:
         """Metaflow saves decorator attributes with the run (``_graph_info``), in plain text: a
@@ -299,6 +332,7 @@ class SandboxDecorator(StepDecorator):
     def _str_map(self, value: Any, name: str, step: str) -> dict[str, str]:
         if value is None:
             return {}
+        given = value
         if isinstance(value, str):  # --with sandbox:env={"K":"v"} may arrive unparsed
             try:
                 value = json.loads(value)
@@ -307,7 +341,8 @@ class SandboxDecorator(StepDecorator):
         if not isinstance(value, dict):
             raise SandboxException(
                 f"@{self.name} on step *{step}*: {name} must be a dict of strings, "
-                f'e.g. {name}={{"KEY": "value"}}; got {value!r}.'
+                f'e.g. {name}={{"KEY": "value"}} (with --with: \'{self.name}:{name}={{"KEY":"value"}}\', '
+                f"JSON in single quotes); got {given!r}."
             )
         return {str(k): str(v) for k, v in value.items()}
 

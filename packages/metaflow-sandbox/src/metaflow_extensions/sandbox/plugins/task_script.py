@@ -16,6 +16,7 @@ from .request import TaskRequest
 
 SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
 MARK = "__MFSBX_T__"  # phase timestamps, printed only when timings are on
+CODE_DIR = "__MFSBX_CODE_DIR__"  # where the code was unpacked, to map tracebacks back to the flow's files
 TIMINGS_ENV = "METAFLOW_SANDBOX_TIMINGS"
 MARKER = "mfsbx/marker"
 SECRETS_FILE = "mfsbx/secrets.env"  # credentials, sourced then deleted before the task starts
@@ -45,6 +46,7 @@ def script(req: TaskRequest) -> str:
             "mark unpack_inputs",
             unpack_code,
             f"{_datastore_setup(req)} && {exports}touch ../{MARKER}",
+            f'echo "{CODE_DIR} $PWD" >&2',
             "mark unpack_code",
             f"( {req.step_command} )",
             "c=$?",

@@ -300,11 +300,6 @@ class LocalBackend(SandboxBackend):
                 remedy="Install bubblewrap (sudo apt-get install -y bubblewrap) or allow network access.",
             )
         self._reap()
-        # Private to its owner: files a sandbox makes are its user's on the host (setuid bits
-        # included), so no other user of this machine may reach them.
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.root.stat().st_uid == os.getuid():
-            self.root.chmod(0o700)
         spread_subdirectories(self.root)
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
         directory = self.root / sandbox_id
@@ -331,8 +326,25 @@ class LocalBackend(SandboxBackend):
                 found.append((meta_file.parent, json.loads(meta_file.read_text())))
         return found
 
+    def _ensure_root(self) -> None:
+        """Private to its owner: files a sandbox makes are its user's on the host (setuid bits
+        included), so no other user of this machine may reach them. A root this user cannot make
+        or write is a configuration error naming the fix (``list`` finds it before a run starts)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.root.stat().st_uid == os.getuid():
+                self.root.chmod(0o700)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as e:
+            raise ConfigurationError(
+                f"The local backend cannot keep its sandboxes in {self.root} ({e.strerror or e}).",
+                remedy=f"Set {ROOT_ENV} (or the option root=) to a directory you can write, or unset it.",
+            ) from e
+
     def _reap(self) -> None:
         """Remove sandboxes whose owner died or whose lifetime passed."""
+        self._ensure_root()
         for directory, meta in self._sandboxes():
             owner_alive = _start_time(meta["owner_pid"]) == meta["owner_start"]
             if not owner_alive or time.time() > meta["deadline"]:
