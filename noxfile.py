@@ -251,16 +251,23 @@ REMOTE_CELLS = [
 @nox.session
 @nox.parametrize("backend,metaflow", REMOTE_CELLS)
 def remote(session: nox.Session, backend: str, metaflow: str) -> None:
-    """Flows on an S3 datastore (moto_server) with every step in a sandbox, on one backend."""
+    """Flows on S3 (moto_server) and the metadata service (metaflow-local-service), steps in sandboxes."""
     session.install(
         *PYTEST, *TEST_DEPS[backend], "moto[server]", f"metaflow=={metaflow}",
         *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
     )  # fmt: skip
     show_versions(session, "metaflow", "moto", "boto3")
+    # The metadata service is a deployment of its own: it runs in its own environment, with the
+    # Metaflow it needs (metaflow-local-service imports modules that Metaflow 2.12.0 lacks).
+    service = ROOT / ".nox" / "_metadata_service"  # shared by the remote cells (not create_tmp: it moves TMPDIR)
+    service_python = str(service / "bin" / "python")
+    session.run(sys.executable, "-m", "uv", "venv", "--quiet", "--allow-existing", str(service), external=True)
+    session.run(sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python", service_python,
+                "metaflow-local-service", "metaflow", external=True)  # fmt: skip
     # worksteal: the two long flow tests live in one file; a free worker takes the second one.
     session.run(
         "pytest", *XDIST, "--dist", "worksteal", "tests-shared/remote", *session.posargs,
-        env={"MFSBX_E2E_BACKEND": backend},
+        env={"MFSBX_E2E_BACKEND": backend, "MFSBX_METADATA_SERVICE_PYTHON": service_python},
     )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""Fixtures of the remote-datastore suite: the e2e fixtures (backend, flow directory) plus a real
-S3 peer (``moto_server``) per worker and an S3 datastore prefix per test.
+"""Fixtures of the remote-datastore suite: the e2e fixtures (backend, flow directory) plus real peers
+per worker — S3 (``moto_server``) and the metadata service (``metaflow-local-service``) — and an S3
+datastore prefix per test.
 
 Layer: tests-shared/remote. Imports: pytest, the standard library, ``sandbox_testing``, the e2e
 fixtures (``e2e.conftest``: one place chooses the backend for both suites).
@@ -15,6 +16,7 @@ import pytest
 
 import e2e.conftest as e2e_fixtures
 from sandbox_testing.flows import FlowDir
+from sandbox_testing.metadata_service import MetadataService, start_metadata_service
 from sandbox_testing.moto import S3Server, start_moto
 
 FLOWS = Path(__file__).resolve().parent / "flows"
@@ -31,10 +33,22 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def metadata_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetadataService]:
+    with start_metadata_service(tmp_path_factory.mktemp("metadata-service")) as service:
+        yield service
+
+
 @pytest.fixture
-def s3dir(flowdir: FlowDir, s3: S3Server) -> FlowDir:
-    """``flowdir`` with the remote flows, running on S3 under a prefix of its own."""
+def remote_flows(flowdir: FlowDir) -> FlowDir:
+    """``flowdir`` with the remote flows (local datastore until a test says otherwise)."""
     for path in FLOWS.glob("*.py"):
         shutil.copy(path, flowdir.path / path.name)
-    flowdir.env.update(s3.env(prefix=flowdir.path.name))
     return flowdir
+
+
+@pytest.fixture
+def s3dir(remote_flows: FlowDir, s3: S3Server) -> FlowDir:
+    """The remote flows, running on S3 under a prefix of their own."""
+    remote_flows.env.update(s3.env(prefix=remote_flows.path.name))
+    return remote_flows

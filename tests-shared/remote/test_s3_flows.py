@@ -40,7 +40,7 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
         "s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", "--data", "input.txt", env={"BIG_MB": "48"}
     )
     output = proc.stdout + proc.stderr
-    assert "(data path: direct)" in output
+    assert "data path direct)" in output
     assert "with a temporary session (sts:GetSessionToken)." in output  # said once, before the run
     run = s3dir.inspect("S3Flow")
     assert run["successful"] and run["finished"]

@@ -151,3 +151,13 @@ def test_the_catch_fallback_and_other_commands_are_not_rerouted():
     spin = cli_args(["spin-step"])
     deco.runtime_step_cli(spin, retry_count=0, max_user_code_retries=0, ubf_context=None)
     assert spin.commands == ["spin-step"]
+
+
+def test_a_metadata_path_the_step_cannot_take_is_refused_before_the_run(monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_METADATA_PATH", "direct")
+    with pytest.raises(SandboxException, match=r"step \*train\*: METAFLOW_SANDBOX_METADATA_PATH=direct needs"):
+        validated(SandboxDecorator(attributes={"network": False}))
+    assert validated(SandboxDecorator(attributes={"network": True}))["network"] is True
+    monkeypatch.setenv("METAFLOW_SANDBOX_METADATA_PATH", "sideways")
+    with pytest.raises(SandboxException, match="must be one of auto, direct, relay"):
+        validated(SandboxDecorator(attributes={}))

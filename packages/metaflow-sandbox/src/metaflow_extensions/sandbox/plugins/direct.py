@@ -77,6 +77,30 @@ def sync_local_metadata(req: TaskRequest) -> None:
     (``req.metadata_root``), as ``@batch`` does with ``sync_local_metadata_from_datastore``."""
     if not req.metadata_root:
         return
+    merge_local_metadata(_metadata_tarball(req), req.metadata_root, req.location)
+
+
+def task_meta_files(req: TaskRequest) -> dict[str, bytes]:
+    """The task's own ``_meta`` files (name -> bytes) from the local metadata it saved to the
+    datastore: what the relayed metadata service replays (``service_relay``)."""
+    loc = req.location
+    wanted = (LOCAL_DIR, loc.flow, loc.run_id, loc.step, loc.task_id, "_meta")
+    found = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(_metadata_tarball(req)), mode="r:gz") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if member.isfile() and len(parts) == len(wanted) + 1 and parts[:-1] == wanted:
+                    source = tar.extractfile(member)
+                    if source is not None:
+                        found[parts[-1]] = source.read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DirectError(f"The task's local metadata is unreadable: {e}") from e
+    return found
+
+
+def _metadata_tarball(req: TaskRequest) -> bytes:
+    """The ``local_metadata`` tarball the task saved to the datastore (its decorator's ``task_finished``)."""
     loc = req.location
     try:
         task_ds = _task_datastore(req.datastore, loc, req.attempt, "r", allow_not_done=True)
@@ -88,7 +112,7 @@ def sync_local_metadata(req: TaskRequest) -> None:
         raise
     except Exception as e:  # storage failures of any kind
         raise DirectError(f"Could not read the task's metadata from the {req.datastore} datastore: {e}") from e
-    merge_local_metadata(tarball, req.metadata_root, loc)
+    return bytes(tarball)
 
 
 def allowed_metadata(name: str, loc: TaskLocation) -> bool:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+import tarfile
 import time
 import warnings
+from collections.abc import Callable
 
 from metaflow_extensions.sandbox.core import (
     CommandTimeout,
@@ -30,7 +32,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import direct, kills, staging
+from . import direct, kills, service_relay, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
@@ -46,7 +48,7 @@ PHASES = {
     "create": ("create",),
     "stage": ("build_inputs", "upload"),
     "run": ("task",),
-    "merge": ("download", "merge", "sync_metadata"),
+    "merge": ("download", "merge", "sync_metadata", "replay_metadata"),
 }
 ISOLATION_NAMES = {"bwrap": "bubblewrap"}  # a backend's ``isolation`` attribute, as users know it
 
@@ -118,13 +120,14 @@ class SandboxTask:
         if os.environ.get(TIMINGS_ENV):
             env[TIMINGS_ENV] = "1"
         try:
-            result = sbx.run(
-                script(req),
-                env=env,
-                timeout_s=req.hard_limit_s,
-                on_stdout=self.logs.sink("stdout"),
-                on_stderr=self.logs.sink("stderr"),
-            )
+            with service_relay.heartbeat(req.service_url, req.service_headers, req.location, say):
+                result = sbx.run(
+                    script(req),
+                    env=env,
+                    timeout_s=req.hard_limit_s,
+                    on_stdout=self.logs.sink("stdout"),
+                    on_stderr=self.logs.sink("stderr"),
+                )
         except CommandTimeout as e:
             # Retrying would run into the same limit: raising the limit is the fix.
             raise ConfigurationError(
@@ -156,6 +159,8 @@ class SandboxTask:
         staging.merge_outputs(outbound, req.location, known_blobs, attempt=req.attempt)
         self._timed("merge", start)
         destroying.result()
+        if req.service_url:
+            return self._replay(lambda: service_relay.meta_files_in_archive(outbound, req.location), result.exit_code)
         return result.exit_code
 
     def _finish_direct(self, exit_code: int) -> int:
@@ -171,6 +176,22 @@ class SandboxTask:
             say(str(e))
         self._timed("sync_metadata", start)
         destroying.result()
+        if self.req.service_url:
+            return self._replay(lambda: direct.task_meta_files(self.req), exit_code)
+        return exit_code
+
+    def _replay(self, files: Callable[[], dict[str, bytes]], exit_code: int) -> int:
+        """Relayed metadata service: replay what the task recorded in the sandbox (the merge or the
+        datastore has it by now). A successful task whose metadata cannot reach the service fails:
+        the Client API would not see it."""
+        req, start = self.req, time.monotonic()
+        try:
+            service_relay.replay(req.service_url, req.service_headers, req.location, files())
+        except (service_relay.RelayError, direct.DirectError, OSError, tarfile.TarError) as e:
+            if exit_code == 0:
+                raise SandboxError(f"Could not relay the task's metadata: {e}") from e
+            say(f"Could not relay the task's metadata: {e}")
+        self._timed("replay_metadata", start)
         return exit_code
 
     def lifecycle(self) -> str:
@@ -182,7 +203,8 @@ class SandboxTask:
             for phase, names in PHASES.items()
             if any(name in self.timings for name in names)
         ]
-        where = f"Sandbox {self.sandbox.id} ({req.backend}, {self.isolation}, data path {req.data_path})"
+        relayed = ", metadata relay" if req.service_url else ""
+        where = f"Sandbox {self.sandbox.id} ({req.backend}, {self.isolation}, data path {req.data_path}{relayed})"
         return f"{where}: {', '.join(spent)}."
 
     def destroy(self) -> None:

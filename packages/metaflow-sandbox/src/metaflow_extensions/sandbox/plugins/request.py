@@ -60,6 +60,9 @@ class TaskRequest:
     # Warnings the runtime showed once for the whole run (``preflight``): the launcher stays quiet.
     shown_warnings: list[str] = field(default_factory=list)
     runtime: str = ""  # "pid:start" of the runtime (kills.process_identity): the launcher ends with it
+    # Metadata service on the relay path: the launcher heartbeats and replays (headers are secrets).
+    service_url: str = ""
+    service_headers: Mapping[str, str] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:

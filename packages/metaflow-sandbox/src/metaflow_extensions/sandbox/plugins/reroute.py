@@ -89,6 +89,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     attrs = deco.attributes
     bootstrap = deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE)
     code_tar, code_dir, package, extract, extract_env = _code(deco, writable=bool(bootstrap))
+    metadata = options_metadata(cli_args)
+    relayed = _service(cli_args, attrs, env, secret_env) if metadata == "service" else None
     return TaskRequest(
         backend=attrs["backend"],
         backend_options=attrs["options"],
@@ -118,11 +120,28 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         data_path=deco.data_path,
         datastore=deco.flow_datastore.TYPE,
         secret_env=secret_env,
-        metadata_root=_local_metadata_root() if direct and options_metadata(cli_args) == "local" else "",
+        metadata_root=_local_metadata_root() if direct and metadata == "local" else "",
         flow_dir=os.path.dirname(os.path.abspath(sys.argv[0])),
         shown_warnings=preflight.shown_warnings(),
         runtime=kills.process_identity(os.getpid()),
+        service_url=relayed.url if relayed else "",
+        service_headers=relayed.headers if relayed else {},
     )
+
+
+def _service(cli_args: Any, attrs: Any, env: dict[str, str], secret_env: dict[str, str]) -> Any:
+    """``--metadata service``: on the direct path, the service's settings for the sandbox (headers
+    among the secrets); on the relay path, the task records locally (``--metadata local``) and the
+    returned ``ServiceTask`` tells the launcher where to replay it."""
+    from . import service
+
+    task = service.for_task(attrs["backend"], attrs["network"])
+    if task.path == "relay":
+        cli_args.top_level_options["metadata"] = "local"
+        return task
+    env.update(task.env())
+    secret_env.update(task.secret_env())
+    return None
 
 
 def _direct_env(deco: Any, root: str, user: str, env: dict[str, str]) -> dict[str, str]:

@@ -240,6 +240,16 @@ class SandboxDecorator(StepDecorator):
         self._refuse_secret_options(step)
         if attrs["image"] is not None and not isinstance(attrs["image"], str):
             raise SandboxException(f"@{self.name} on step *{step}*: image={attrs['image']!r} must be a string.")
+        self._check_metadata_path(step)
+
+    def _check_metadata_path(self, step: str) -> None:
+        """``METAFLOW_SANDBOX_METADATA_PATH`` (for ``--metadata service``) is possible for this step."""
+        from . import service
+
+        try:
+            service.requested_path(self.attributes["network"])
+        except SandboxException as e:
+            raise SandboxException(f"@{self.name} on step *{step}*: {e}") from None
 
     def _preflight(self, step: str, logger: Any) -> None:
         """Before ``run`` or ``resume`` starts tasks: the backend works with these options. Its

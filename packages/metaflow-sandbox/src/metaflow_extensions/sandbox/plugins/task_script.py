@@ -61,14 +61,14 @@ def script(req: TaskRequest) -> str:
 
 def _datastore_setup(req: TaskRequest) -> str:
     """Shell run in the code directory before the task."""
+    # Credentials (S3, the metadata service's headers) come as a file, not the command's
+    # environment: some backends send the environment as part of the command text, which
+    # providers keep (and list) with the sandbox.
+    secrets = f"set -a && . ../{SECRETS_FILE} && set +a && rm -f ../{SECRETS_FILE} && " if req.secret_env else ""
     if req.data_path == "direct":
         # Local metadata (if any) stays in the sandbox's own directory, never a parent's `.metaflow`;
         # the task sends it through the datastore (see the decorator's ``task_finished``).
-        setup = 'export METAFLOW_DATASTORE_SYSROOT_LOCAL="$PWD"'
-        if req.secret_env:
-            # A file, not the command's environment: some backends send the environment as part of
-            # the command text, which providers keep (and list) with the sandbox.
-            setup = f"set -a && . ../{SECRETS_FILE} && set +a && rm -f ../{SECRETS_FILE} && {setup}"
+        setup = f'{secrets}export METAFLOW_DATASTORE_SYSROOT_LOCAL="$PWD"'
         if req.code_tar is None and req.metadata_root:
             # Without inline code the unpack step skipped code/ members: the run's metadata is one.
             setup = f"tar -x -f ../{staging.IN_ARCHIVE} --strip-components=1 --wildcards 'code/*' && {setup}"
@@ -77,7 +77,7 @@ def _datastore_setup(req: TaskRequest) -> str:
     # code directory (before 2.13 only there). A shared, read-only code directory has its own
     # `.metaflow` -> `../.metaflow` (``staging.code_directory``); the target is this sandbox's.
     link = f"ln -sfn {shlex.quote(req.location.root)} ../.metaflow"
-    return f"{link} && {{ [ -L .metaflow ] || ln -s ../.metaflow .metaflow; }}"
+    return f"{secrets}{link} && {{ [ -L .metaflow ] || ln -s ../.metaflow .metaflow; }}"
 
 
 def write_secrets(secrets: Mapping[str, str], folder: str) -> str:
