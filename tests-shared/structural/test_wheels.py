@@ -41,7 +41,8 @@ def test_wheel_layout(wheel):
 def test_backends_are_registered_by_entry_point():
     from metaflow_extensions.sandbox.core import available_backends
 
-    expected = {"local"} | {w.name.split("-")[0].removeprefix("metaflow_sandbox_") for w in WHEELS} & {"daytona", "e2b", "modal"}
+    built = {w.name.split("-")[0].removeprefix("metaflow_sandbox_") for w in WHEELS}
+    expected = {"local"} | built & {"daytona", "e2b", "modal"}
     assert set(available_backends()) == expected
 
 
