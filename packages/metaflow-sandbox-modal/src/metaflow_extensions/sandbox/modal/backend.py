@@ -30,6 +30,7 @@ from metaflow_extensions.sandbox.core import (
     SandboxError,
     SandboxInfo,
     SandboxSpec,
+    SandboxUnavailable,
     lease_s,
     owned_labels,
 )
@@ -49,6 +50,12 @@ TOKEN_LABEL = "metaflow-sandbox-create-token"
 def _call(action: Callable[[], T], doing: str, *, sandbox_id: str | None = None) -> T:
     """Run an SDK call, translating whatever it raises into a core error."""
     return TABLE.call(action, doing, context="sandbox" if sandbox_id else "", sandbox_id=sandbox_id)
+
+
+def _killable(command: str, flag: str) -> str:
+    """``command`` under core's ``cancellable`` (creating ``flag`` kills its process group), with the
+    wrapper's own stderr (bash's "Killed" job notice) discarded and the command's kept (fd 3)."""
+    return "exec 3>&2 2>/dev/null\n" + cancellable("exec 2>&3 3>&-\n" + command, flag)
 
 
 class ModalSandbox(Sandbox):
@@ -77,7 +84,7 @@ class ModalSandbox(Sandbox):
         on_stderr: Callable[[str], None],
     ) -> int:
         flag = f".mfsbx-timeout-{uuid.uuid4().hex[:16]}"
-        script = cancellable(command, flag) if timeout_s is not None else command
+        script = command if timeout_s is None else _killable(command, flag)
         proc = _call(
             lambda: self.sdk.exec("bash", "-c", script, env=dict(env) or None, workdir=self.backend_ref.workdir),
             "starting a command",
@@ -107,6 +114,8 @@ class ModalSandbox(Sandbox):
                 timed_out = True
                 self._upload_bytes(b"", self._path(flag))
         code = _call(proc.wait, "waiting for a command", sandbox_id=self.id)
+        if self._ended():
+            raise SandboxUnavailable(f"Sandbox {self.id} ended while a command ran in it.", sandbox_id=self.id)
         if timed_out:
             raise CommandTimeout(
                 f"Command timed out after {timeout_s} s in sandbox {self.id}; its processes were killed.",
@@ -117,6 +126,13 @@ class ModalSandbox(Sandbox):
             error = failures[0]
             raise translate(error, "reading a command's output", sandbox_id=self.id) from error
         return int(code)
+
+    def _ended(self) -> bool:
+        """Whether the sandbox itself has finished (terminated, timed out), as opposed to a command."""
+        try:
+            return self.sdk.poll() is not None
+        except Exception:
+            return True  # not even answerable: gone for this command's purposes
 
     def _upload_bytes(self, data: bytes, path: str) -> None:
         _call(lambda: self.sdk.filesystem.write_bytes(data, path), f"uploading to {path!r}", sandbox_id=self.id)

@@ -1,0 +1,41 @@
+"""Conformance of the ``modal`` backend, through the real ``modal`` SDK, against the Modal wire
+emulator; plus what is specific to Modal: the spec's mapping on the wire and a refused token.
+
+Layer: tests-shared. Imports: pytest, the standard library, core and ``sandbox_testing``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from metaflow_extensions.sandbox.core import AuthenticationError, SandboxSpec, get_backend
+from metaflow_extensions.sandbox.core.conformance import BackendConformance
+from sandbox_testing.modal import EMULATOR_TOKEN_ID, EMULATOR_TOKEN_SECRET, modal_emulator, use_emulator
+
+__all__ = ["modal_emulator", "use_emulator"]  # fixtures, imported so pytest finds them
+
+
+def emulated(**options: object) -> object:
+    return get_backend("modal", token_id=EMULATOR_TOKEN_ID, token_secret=EMULATOR_TOKEN_SECRET, **options)
+
+
+class TestModalEmulated(BackendConformance):
+    @pytest.fixture
+    def backend(self, use_emulator):
+        return emulated()
+
+    @pytest.fixture
+    def foreign_sandbox(self, use_emulator, labels):
+        import modal
+
+        app = modal.App.lookup("metaflow-sandbox", create_if_missing=True)
+        made = modal.Sandbox.create(app=app, tags=labels, timeout=60)
+        yield made.object_id
+        made.terminate()
+
+
+def test_a_refused_token_is_a_final_authentication_error(use_emulator):
+    backend = get_backend("modal", token_id="ak-wrong", token_secret="as-wrong")
+    with pytest.raises(AuthenticationError, match="MODAL_TOKEN_ID") as info:
+        backend.create(SandboxSpec())
+    assert not info.value.transient
