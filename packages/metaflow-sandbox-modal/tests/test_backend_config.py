@@ -75,8 +75,8 @@ def test_timeouts_are_capped_to_what_modal_accepts(monkeypatch):
 
 
 def test_installed_sdk_is_supported():
-    assert supported_range("metaflow-sandbox-modal", "modal") == ">=1.6,<2"
-    assert release(sdk_and_version()[1]) >= (1, 6)
+    assert supported_range("metaflow-sandbox-modal", "modal") == ">=1.5,<2"
+    assert release(sdk_and_version()[1]) >= (1, 5)
 
 
 def test_missing_sdk_names_the_install_command():
@@ -90,4 +90,4 @@ def test_missing_sdk_names_the_install_command():
             print(e)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert "pip install 'modal>=1.6,<2'" in out
+    assert "pip install 'modal>=1.5,<2'" in out

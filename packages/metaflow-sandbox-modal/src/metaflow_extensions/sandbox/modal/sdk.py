@@ -3,7 +3,7 @@
 Layer: modal backend. Imports: the standard library and core (``provider``). The SDK is imported
 here, lazily, never at module import time, so that ``metaflow_extensions.sandbox`` loads without it.
 
-The range is the one in this package's ``pyproject.toml`` (``modal>=1.6,<2``), read from its
+The range is the one in this package's ``pyproject.toml`` (``modal>=1.5,<2``), read from its
 installed metadata.
 """
 
