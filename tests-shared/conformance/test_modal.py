@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from metaflow_extensions.sandbox.core import AuthenticationError, SandboxSpec, get_backend
+from metaflow_extensions.sandbox.core import OWNER_LABEL, AuthenticationError, Resources, SandboxSpec, get_backend
 from metaflow_extensions.sandbox.core.conformance import BackendConformance
-from sandbox_testing.modal import EMULATOR_TOKEN_ID, EMULATOR_TOKEN_SECRET, modal_emulator, use_emulator
+from sandbox_testing.modal import (
+    EMULATOR_TOKEN_ID,
+    EMULATOR_TOKEN_SECRET,
+    emulated_sandboxes,
+    modal_emulator,
+    use_emulator,
+)
 
 __all__ = ["modal_emulator", "use_emulator"]  # fixtures, imported so pytest finds them
 
@@ -39,3 +45,18 @@ def test_a_refused_token_is_a_final_authentication_error(use_emulator):
     with pytest.raises(AuthenticationError, match="MODAL_TOKEN_ID") as info:
         backend.create(SandboxSpec())
     assert not info.value.transient
+
+
+def test_the_spec_reaches_the_wire_as_modal_settings(use_emulator, monkeypatch):
+    monkeypatch.setenv("METAFLOW_SANDBOX_LEASE_S", "120")
+    spec = SandboxSpec(
+        labels={"flow": "F"}, env={"E": "x y"}, network=False, lifetime_s=900,
+        resources=Resources(cpu=2, memory_mb=2048),
+    )  # fmt: skip
+    with emulated().create(spec) as sbx:
+        (seen,) = [s for s in emulated_sandboxes(use_emulator) if s["id"] == sbx.id]
+        assert sbx.run('printf %s "$E"; ls /proc/net/dev >/dev/null; pwd').stdout == "x y/root\n"
+    assert seen["tags"].items() >= {"flow": "F", OWNER_LABEL[0]: OWNER_LABEL[1]}.items()
+    assert (seen["timeout_s"], seen["idle_timeout_s"]) == (900, 120)  # lifetime, and the lease
+    assert (seen["cpu"], seen["memory_mb"], seen["block_network"]) == (2.0, 2048, True)
+    assert seen["env"] == {"E": "x y"} and seen["workdir"] == "/root"
