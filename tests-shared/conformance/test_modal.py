@@ -6,6 +6,8 @@ Layer: tests-shared. Imports: pytest, the standard library, core and ``sandbox_t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from metaflow_extensions.sandbox.core import OWNER_LABEL, AuthenticationError, Resources, SandboxSpec, get_backend
@@ -14,7 +16,9 @@ from sandbox_testing.modal import (
     EMULATOR_TOKEN_ID,
     EMULATOR_TOKEN_SECRET,
     emulated_sandboxes,
+    emulator_state,
     modal_emulator,
+    set_faults,
     use_emulator,
 )
 
@@ -60,3 +64,26 @@ def test_the_spec_reaches_the_wire_as_modal_settings(use_emulator, monkeypatch):
     assert (seen["timeout_s"], seen["idle_timeout_s"]) == (900, 120)  # lifetime, and the lease
     assert (seen["cpu"], seen["memory_mb"], seen["block_network"]) == (2.0, 2048, True)
     assert seen["env"] == {"E": "x y"} and seen["workdir"] == "/root"
+
+
+def test_rate_limits_at_create_are_retried_without_a_second_sandbox(use_emulator):
+    before, refused = emulator_state(use_emulator), set_faults(use_emulator)["refused"]
+    set_faults(use_emulator, rate_429=0.3)  # spread evenly: never two refusals in a row
+    with emulated().create(SandboxSpec()) as sbx:
+        assert sbx.run("echo ok").stdout == "ok\n"
+    after = emulator_state(use_emulator)
+    assert (after["created"] - before["created"], after["live"]) == (1, 0)
+    assert set_faults(use_emulator)["refused"] > refused
+
+
+def _live_configured() -> bool:
+    token = os.environ.get("MODAL_TOKEN_ID", "")
+    return bool(token) and token != EMULATOR_TOKEN_ID and "127.0.0.1" not in os.environ.get("MODAL_SERVER_URL", "")
+
+
+@pytest.mark.live
+@pytest.mark.skipif(not _live_configured(), reason="MODAL_TOKEN_ID is not set: no real Modal to test against")
+class TestModalLive(BackendConformance):
+    @pytest.fixture
+    def backend(self):
+        return get_backend("modal")
