@@ -11,7 +11,7 @@ import pytest
 
 from sandbox_testing.modal import emulator_state, set_faults
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.edges]
 
 MODAL_STEP_FLOW = """
 import os
