@@ -144,7 +144,9 @@ def test_sandboxes_of_a_killed_launcher_are_listed_and_killed_by_run_id(flowdir)
     elif f"{run_id}/work/2 attempt 0" in listed.stdout + listed.stderr:
         # A provider's sandbox lives on without its launcher, until its lease ends.
         killed = flowdir.run("failing_flow.py", "sandbox", "kill", "--run-id", run_id)
-        assert "Destroyed" in killed.stdout + killed.stderr
+        out = killed.stdout + killed.stderr
+        # E2B's emulator ends sandboxes after 10 s: that end may fall between the list and the kill.
+        assert "Destroyed" in out or (flowdir.backend == "e2b" and "No live sandboxes" in out), out
     else:  # only where the lease is shorter than the run's end (E2B's emulator here: 10 s)
         assert flowdir.backend == "e2b", listed.stdout + listed.stderr
     assert flowdir.live_sandboxes("failing_flow.py") == []
