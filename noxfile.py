@@ -49,7 +49,7 @@ SDK_VERSIONS: dict[str, dict[str, str]] = {
     "e2b": {"oldest": "e2b==2.7.0", "latest": "e2b==2.63.0"},
 }
 # Extra test dependencies per backend (emulators, fixtures).
-TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": []}
+TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": ["aiohttp"]}
 
 # Metaflow releases every backend is tested against (one e2e cell each): the latest patch of every
 # supported minor line, plus the releases where Metaflow internals our shims bridge change
