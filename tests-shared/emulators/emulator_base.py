@@ -105,6 +105,7 @@ class BaseEmulator(Generic[S]):
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1 << 40)
+        app["emu"] = self  # what module-level handlers reach the emulator by
         app.router.add_get("/_emulator/state", self._admin_state)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         self.add_routes(app.router)
