@@ -93,19 +93,12 @@ async def create_sandbox(request: web.Request) -> web.Response:
     return web.json_response(sbx.json())
 
 
-async def get_sandbox(request: web.Request) -> web.Response:
-    sbx = emulator(request).find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
+async def get_sandbox(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     return web.json_response(sbx.json())
 
 
-async def delete_sandbox(request: web.Request) -> web.Response:
-    emu = emulator(request)
-    sbx = emu.find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
-    await asyncio.to_thread(emu.remove, sbx.id)
+async def delete_sandbox(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
+    await asyncio.to_thread(emulator(request).remove, sbx.id)
     return web.json_response(sbx.json())
 
 
@@ -140,42 +133,23 @@ async def list_paginated(request: web.Request) -> web.Response:
     )
 
 
-def _sandbox_or_404(request: web.Request) -> EmulatedSandbox | web.Response:
-    sbx = emulator(request).find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
-    return sbx
-
-
-async def set_labels(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def set_labels(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     sbx.labels = dict((await request.json()).get("labels") or {})
     return web.json_response({"labels": sbx.labels})
 
 
-async def set_interval(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def set_interval(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     value = int(request.match_info["n"])
     setattr(sbx, "auto_stop" if request.match_info["what"] == "autostop" else "auto_delete", value)
     return web.json_response(sbx.json())
 
 
-async def last_activity(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def last_activity(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     sbx.last_activity = time.time()
     return web.Response(status=201)
 
 
-async def toolbox_proxy_url(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def toolbox_proxy_url(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     return web.json_response({"url": sbx.toolbox_url})
 
 
@@ -219,12 +193,12 @@ class DaytonaEmulator(Emulator):
         r.add_post("/api/sandbox", create_sandbox)
         r.add_get("/api/sandbox", list_sandboxes)
         r.add_get("/api/sandbox/paginated", list_paginated)
-        r.add_get("/api/sandbox/{id}", get_sandbox)
-        r.add_delete("/api/sandbox/{id}", delete_sandbox)
-        r.add_put("/api/sandbox/{id}/labels", set_labels)
-        r.add_post("/api/sandbox/{id}/{what:autostop|autodelete}/{n:-?[0-9]+}", set_interval)
-        r.add_post("/api/sandbox/{id}/last-activity", last_activity)
-        r.add_get("/api/sandbox/{id}/toolbox-proxy-url", toolbox_proxy_url)
+        r.add_get("/api/sandbox/{id}", self.for_sandbox(get_sandbox))
+        r.add_delete("/api/sandbox/{id}", self.for_sandbox(delete_sandbox))
+        r.add_put("/api/sandbox/{id}/labels", self.for_sandbox(set_labels))
+        r.add_post("/api/sandbox/{id}/{what:autostop|autodelete}/{n:-?[0-9]+}", self.for_sandbox(set_interval))
+        r.add_post("/api/sandbox/{id}/last-activity", self.for_sandbox(last_activity))
+        r.add_get("/api/sandbox/{id}/toolbox-proxy-url", self.for_sandbox(toolbox_proxy_url))
         tb = "/toolbox/{id}"
         r.add_post(f"{tb}/process/session", toolbox.create_session)
         r.add_get(f"{tb}/process/session", toolbox.list_sessions)

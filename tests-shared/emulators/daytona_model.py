@@ -158,6 +158,9 @@ class Emulator(BaseEmulator[EmulatedSandbox]):
     def error(self, status: int, message: str) -> web.Response:
         return error(status, message)
 
+    def missing(self, sandbox_id: str) -> web.Response:
+        return error(404, f"Sandbox with ID or name {sandbox_id} not found", code="NOT_FOUND")
+
     def find(self, id_or_name: str) -> EmulatedSandbox | None:
         with self.lock:
             found = self.sandboxes.get(id_or_name)

@@ -116,10 +116,10 @@ class Emulator(BaseEmulator[EmulatedSandbox]):
         for prefix in ("", "/v2"):
             router.add_post(f"{prefix}/sandboxes", self.create)
             router.add_get(f"{prefix}/sandboxes", self.list)
-            router.add_get(f"{prefix}/sandboxes/{{id}}", self.info)
-            router.add_delete(f"{prefix}/sandboxes/{{id}}", self.kill)
-            router.add_post(f"{prefix}/sandboxes/{{id}}/timeout", self.set_timeout)
-            router.add_post(f"{prefix}/sandboxes/{{id}}/connect", self.connect)
+            router.add_get(f"{prefix}/sandboxes/{{id}}", self.for_sandbox(self.info))
+            router.add_delete(f"{prefix}/sandboxes/{{id}}", self.for_sandbox(self.kill))
+            router.add_post(f"{prefix}/sandboxes/{{id}}/timeout", self.for_sandbox(self.set_timeout))
+            router.add_post(f"{prefix}/sandboxes/{{id}}/connect", self.for_sandbox(self.connect))
         router.add_route("*", "/{tail:.*}", self.unknown)
 
     # -- control plane ---------------------------------------------------------------------------
@@ -128,37 +128,22 @@ class Emulator(BaseEmulator[EmulatedSandbox]):
         await request.read()
         return self.error(404, f"no route {request.method} {request.path}")
 
-    def sandbox(self, request: web.Request) -> EmulatedSandbox | web.Response:
-        sandbox_id = request.match_info["id"]
-        found = self.sandboxes.get(sandbox_id)
-        return self.error(404, f"sandbox {sandbox_id} not found") if found is None else found
+    async def info(self, request: web.Request, sbx: EmulatedSandbox) -> web.Response:
+        return web.json_response(detail(sbx))
 
-    async def info(self, request: web.Request) -> web.Response:
-        sbx = self.sandbox(request)
-        return sbx if isinstance(sbx, web.Response) else web.json_response(detail(sbx))
-
-    async def kill(self, request: web.Request) -> web.Response:
-        sbx = self.sandbox(request)
-        if isinstance(sbx, web.Response):
-            return sbx
+    async def kill(self, request: web.Request, sbx: EmulatedSandbox) -> web.Response:
         await asyncio.to_thread(self.remove, sbx.id)
         return web.Response(status=204)
 
-    async def set_timeout(self, request: web.Request) -> web.Response:
+    async def set_timeout(self, request: web.Request, sbx: EmulatedSandbox) -> web.Response:
         body = await body_json(request)
-        sbx = self.sandbox(request)
-        if isinstance(sbx, web.Response):
-            return sbx
         if float(body.get("timeout") or 0) > PLAN_MAX_TIMEOUT_S:
             return self.error(400, "Timeout cannot be greater than 24 hours")
         sbx.set_timeout(self.lifetime(body.get("timeout")))
         return web.Response(status=204)
 
-    async def connect(self, request: web.Request) -> web.Response:
+    async def connect(self, request: web.Request, sbx: EmulatedSandbox) -> web.Response:
         body = await body_json(request)
-        sbx = self.sandbox(request)
-        if isinstance(sbx, web.Response):
-            return sbx
         deadline = time.time() + self.lifetime(body.get("timeout"))
         sbx.deadline = max(sbx.deadline, deadline)  # connect only ever extends
         return web.json_response(created_body(sbx))

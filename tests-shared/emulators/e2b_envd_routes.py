@@ -50,7 +50,7 @@ def connect_error(status: int, code: str, message: str) -> web.Response:
 async def envd(request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - a flat route table
     """envd's routes, for a sandbox named by the ``E2b-Sandbox-Id`` header."""
     emu = request.app["emu"]
-    sbx = emu.sandboxes.get(request.headers.get("E2b-Sandbox-Id", ""))
+    sbx = emu.find(request.headers.get("E2b-Sandbox-Id", ""))
     if sbx is None or not sbx.alive:
         await request.read()
         # What E2B's edge proxy answers for a sandbox that is not running.

@@ -81,6 +81,23 @@ class BaseEmulator(Generic[S]):
 
     # -- the sandbox table -----------------------------------------------------------------------
 
+    def find(self, sandbox_id: str) -> S | None:
+        with self.lock:
+            return self.sandboxes.get(sandbox_id)
+
+    def missing(self, sandbox_id: str) -> web.Response:
+        """The control plane's answer about a sandbox it does not know."""
+        return self.error(404, f"sandbox {sandbox_id} not found")
+
+    def for_sandbox(self, handler: Callable[[web.Request, S], Awaitable[web.StreamResponse]]) -> Handler:
+        """A route about the sandbox named by its ``{id}``: ``handler(request, sandbox)``, or ``missing``."""
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            sbx = self.find(request.match_info["id"])
+            return self.missing(request.match_info["id"]) if sbx is None else await handler(request, sbx)
+
+        return route
+
     def add(self, sandbox_id: str, sbx: S) -> None:
         with self.lock:
             self.sandboxes[sandbox_id] = sbx
