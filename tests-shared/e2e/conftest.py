@@ -54,11 +54,22 @@ def _daytona() -> Iterator[dict[str, str]]:
         assert state["live"] == 0, f"the e2e flows left Daytona sandboxes behind: {state}"
 
 
+@contextlib.contextmanager
+def _modal() -> Iterator[dict[str, str]]:
+    from sandbox_testing.modal import emulator_env, emulator_state, start_emulator
+
+    with start_emulator("modal") as url:
+        yield emulator_env(url)
+        state = emulator_state(url)
+        assert state["live"] == 0, f"the e2e flows left Modal sandboxes behind: {state}"
+
+
 # backend name -> session setup yielding the environment flows need (emulator URLs, keys...).
 BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, str]]]] = {
     "local": _local,
     "e2b": _e2b,
     "daytona": _daytona,
+    "modal": _modal,
 }
 
 

@@ -19,6 +19,7 @@ from sandbox_testing.daytona import NO_FAULTS, emulator_state, set_faults
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.edges,
     pytest.mark.skipif(
         os.environ.get("MFSBX_E2E_BACKEND") != "daytona",
         reason="injects faults through the Daytona emulator: runs with MFSBX_E2E_BACKEND=daytona",

@@ -14,7 +14,7 @@ import pytest
 
 from sandbox_testing.e2b import E2B_E2E_LIFETIME_S, emulator_state, set_faults
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.edges]
 
 
 @pytest.fixture

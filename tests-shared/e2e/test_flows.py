@@ -142,6 +142,7 @@ def test_resume_reruns_the_failed_step_in_a_sandbox(flowdir, backend_name):
     assert work["artifacts"]["attempt"] == 0 and work["sandbox"]["sandbox-backend"] == backend_name
 
 
+@pytest.mark.edges
 def test_sandbox_destroyed_mid_step_is_an_infrastructure_failure_and_retried(flowdir):
     proc = flowdir.start("failing_flow.py", "run", "--mode", "sleep")
     lines: list[str] = []
@@ -164,6 +165,7 @@ def test_sandbox_destroyed_mid_step_is_an_infrastructure_failure_and_retried(flo
     assert task(run, "work")["artifacts"]["attempt"] == 1
 
 
+@pytest.mark.edges
 def test_ctrl_c_destroys_live_sandboxes(flowdir):
     proc = flowdir.start("failing_flow.py", "run", "--mode", "sleep")
     lines: list[str] = []
@@ -175,6 +177,7 @@ def test_ctrl_c_destroys_live_sandboxes(flowdir):
     assert flowdir.live_sandboxes("failing_flow.py") == [], "".join(lines) + rest
 
 
+@pytest.mark.edges
 def test_a_step_cannot_plant_a_value_under_another_values_address(flowdir):
     proc = flowdir.run("attack_flow.py", "run", ok=False)
     out = proc.stdout + proc.stderr
@@ -278,6 +281,7 @@ def _bad_input() -> list[object]:
     return cases
 
 
+@pytest.mark.edges
 @pytest.mark.parametrize(("flow_args", "env", "message"), _bad_input())
 def test_bad_input_is_refused_before_any_sandbox_exists(flowdir, flow_args, env, message, request):
     # A user of its own: on a provider, the sandboxes of this run alone are listed (other tests
@@ -296,6 +300,7 @@ def test_bad_input_is_refused_before_any_sandbox_exists(flowdir, flow_args, env,
         assert [line for line in (listed.stdout + listed.stderr).splitlines() if line.startswith(flowdir.backend)] == []
 
 
+@pytest.mark.edges
 def test_a_local_backend_warning_is_said_once_per_run(flowdir, backend_name, tmp_path):
     if backend_name != "local":
         pytest.skip("the warning of the local backend without bubblewrap")
@@ -310,6 +315,7 @@ def test_a_local_backend_warning_is_said_once_per_run(flowdir, backend_name, tmp
     assert "IsolationWarning" not in out and "(local, process, data path relay)" in out
 
 
+@pytest.mark.edges
 def test_sandbox_doctor_checks_the_flows_backend(flowdir, backend_name):
     proc = flowdir.run("linear_flow.py", "sandbox", "doctor")
     out = proc.stdout

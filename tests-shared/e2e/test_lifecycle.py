@@ -20,7 +20,7 @@ import pytest
 
 from sandbox_testing.flows import FlowDir, run_id_of, task, wait_for_line
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.edges]
 
 # The goal is 0 live sandboxes 10 s after the runtime dies; the launcher notices within
 # ~1 s. A loaded CI machine gets a generous bound (the figure measured is printed).

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "metaflow_extensions.sandbox"
-SDKS = {"daytona", "daytona_sdk", "e2b"}
+SDKS = {"daytona", "daytona_sdk", "e2b", "modal"}
 
 # part -> the parts of ours it may import, and the third-party top-level modules it may import.
 ALLOWED = {
@@ -22,6 +22,7 @@ ALLOWED = {
     "core.conformance": (set(), {"pytest"}),  # the suite backends' tests inherit
     "daytona": ({"core"}, {"daytona", "daytona_sdk"}),
     "e2b": ({"core"}, {"e2b"}),
+    "modal": ({"core"}, {"modal"}),
     # boto3/botocore: Metaflow's own S3 dependency, for remote datastores (imported lazily).
     "plugins": ({"core"}, {"metaflow", "click", "boto3", "botocore"}),
 }
@@ -107,7 +108,7 @@ def test_plugins_never_name_a_backend_module():
     for part, path in MODULES:
         if part == "plugins":
             for name, _ in imported(path, part):
-                assert not name.startswith((f"{NAMESPACE}.daytona", f"{NAMESPACE}.e2b")), path
+                assert not name.startswith((f"{NAMESPACE}.daytona", f"{NAMESPACE}.e2b", f"{NAMESPACE}.modal")), path
 
 
 def test_namespace_levels_have_no_init():

@@ -41,7 +41,8 @@ def test_wheel_layout(wheel):
 def test_backends_are_registered_by_entry_point():
     from metaflow_extensions.sandbox.core import available_backends
 
-    expected = {"local"} | {w.name.split("-")[0].removeprefix("metaflow_sandbox_") for w in WHEELS} & {"daytona", "e2b"}
+    built = {w.name.split("-")[0].removeprefix("metaflow_sandbox_") for w in WHEELS}
+    expected = {"local"} | built & {"daytona", "e2b", "modal"}
     assert set(available_backends()) == expected
 
 
@@ -69,7 +70,7 @@ def test_every_distribution_has_one_version_and_pins_the_others_to_it():
                 assert f"=={version}" in line, f"{wheel.name}: {line} (every sibling is pinned to {version})"
 
 
-@pytest.mark.parametrize("backend", ["local", "daytona", "e2b"])
+@pytest.mark.parametrize("backend", ["local", "daytona", "e2b", "modal"])
 def test_the_docs_option_tables_are_the_declarations(backend):
     from metaflow_extensions.sandbox.core import backend_class
     from metaflow_extensions.sandbox.core.options import markdown_table

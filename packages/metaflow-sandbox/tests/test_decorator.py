@@ -17,6 +17,7 @@ from metaflow_extensions.sandbox.plugins.sandbox_decorator import (
     GRACE_S,
     DaytonaDecorator,
     E2BDecorator,
+    ModalDecorator,
     SandboxDecorator,
 )
 
@@ -98,6 +99,7 @@ def test_a_backends_declared_secret_option_names_its_variable(monkeypatch):
 
 def test_an_alias_fixes_its_backend():
     assert DaytonaDecorator.alias_of == "daytona" and E2BDecorator.alias_of == "e2b"
+    assert ModalDecorator.alias_of == "modal"
     deco = DaytonaDecorator(attributes={"backend": "e2b"})
     with pytest.raises(SandboxException, match=r"Use @sandbox\(backend='e2b'\)"):
         deco._resolve_backend("train")

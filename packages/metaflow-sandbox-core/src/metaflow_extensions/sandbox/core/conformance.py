@@ -49,6 +49,13 @@ LEAK_VAR = "MFSBX_CONFORMANCE_LAUNCHER_SECRET"
 COUNT_PROCS = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '{}'"
 
 
+def _unique_sleeps() -> tuple[str, str]:
+    """Two ``sleep`` commands no other test (or other run on this machine) starts, and a pattern
+    matching only them: a backend without a pid namespace sees every process of the host."""
+    n = uuid.uuid4().int % 10**6
+    return f"sleep 271{n:06d} & sleep 272{n:06d}", f"sleep 27[12]{n:06d}"
+
+
 class BackendConformance:
     image: str | None = None
 
@@ -142,11 +149,12 @@ class BackendConformance:
         assert res.stdout == f"{hostile}|{hostile}" and "INJECTED" not in res.stderr
 
     def test_timeout_raises_and_kills_the_process_tree(self, sandbox: Sandbox) -> None:
+        sleeps, pattern = _unique_sleeps()
         with pytest.raises(CommandTimeout) as info:
-            sandbox.run("echo started; sleep 271 & sleep 272; echo never", timeout_s=2)
+            sandbox.run(f"echo started; {sleeps}; echo never", timeout_s=2)
         assert info.value.timeout_s == 2
         assert "never" not in info.value.stdout
-        assert sandbox.run(COUNT_PROCS.format("sleep 27[12]")).stdout.strip() == "0"
+        assert sandbox.run(COUNT_PROCS.format(pattern)).stdout.strip() == "0"
         assert sandbox.run("echo still usable").stdout == "still usable\n"
 
     def test_a_timeout_carries_the_output_so_far(self, sandbox: Sandbox) -> None:
@@ -164,14 +172,15 @@ class BackendConformance:
 
     def test_cancel_kills_the_command_and_what_it_started(self, sandbox: Sandbox) -> None:
         cancel = threading.Event()
+        sleeps, pattern = _unique_sleeps()
         res = sandbox.run(
-            "echo up; sleep 281 & sleep 282; echo never",
+            f"echo up; {sleeps}; echo never",
             timeout_s=120,
             cancel=cancel,
             on_stdout=lambda line: cancel.set() if line == "up" else None,
         )
         assert res.exit_code == 137 and res.stdout == "up\n"
-        assert sandbox.run(COUNT_PROCS.format("sleep 28[12]")).stdout.strip() == "0"
+        assert sandbox.run(COUNT_PROCS.format(pattern)).stdout.strip() == "0"
         # A cancel never set changes nothing.
         assert sandbox.run("echo fine; exit 4", cancel=threading.Event()) == sandbox.run("echo fine; exit 4")
 

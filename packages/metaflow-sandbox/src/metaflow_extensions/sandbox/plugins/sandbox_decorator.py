@@ -1,4 +1,4 @@
-"""``@sandbox`` and its static aliases ``@daytona`` and ``@e2b``: run a step in a sandbox.
+"""``@sandbox`` and its static aliases ``@daytona``, ``@e2b`` and ``@modal``: run a step in a sandbox.
 
 Layer: plugins (top: the decorator). Imports: metaflow, ``plugins.exceptions``, ``plugins.compat``,
 ``plugins.metadata``; the core registry lazily (only where the launcher validates the backend).
@@ -29,7 +29,7 @@ DEPLOYER_COMMANDS = ("argo-workflows", "step-functions", "airflow")
 STARTS_TASKS = ("run", "resume")
 # Other compute decorators: a step runs in one place.
 OTHER_COMPUTE = ("batch", "kubernetes", "slurm", "parallel", "nvidia", "nvct")
-FAMILY = ("sandbox", "daytona", "e2b")
+FAMILY = ("sandbox", "daytona", "e2b", "modal")
 # Option names that carry credentials whatever the backend (backends name theirs precisely in
 # ``Option(secret=True)`` in ``SandboxBackend.options``).
 SECRET_WORDS = ("key", "token", "secret", "password", "credential")
@@ -442,3 +442,13 @@ class E2BDecorator(SandboxDecorator):
 
     name = "e2b"
     alias_of = "e2b"
+
+
+class ModalDecorator(SandboxDecorator):
+    """
+    ``@modal(...)`` is ``@sandbox(backend="modal", ...)``; see ``@sandbox`` for the parameters.
+    Needs ``pip install metaflow-sandbox-modal``.
+    """
+
+    name = "modal"
+    alias_of = "modal"
