@@ -57,7 +57,7 @@ SDK_VERSIONS: dict[str, dict[str, str]] = {
     "modal": {"oldest": "modal==1.5.0", "latest": "modal==1.6.4"},
 }
 # Extra test dependencies per backend (emulators, fixtures).
-TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": [], "modal": []}
+TEST_DEPS: dict[str, list[str]] = {"local": [], "daytona": ["aiohttp"], "e2b": ["aiohttp"], "modal": []}
 
 # Metaflow releases every backend is tested against (one e2e cell each): the latest patch of every
 # supported minor line, plus the releases where Metaflow internals our shims bridge change

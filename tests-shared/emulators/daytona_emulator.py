@@ -1,8 +1,9 @@
 """A wire emulator of Daytona: the control-plane API and each sandbox's toolbox, on one port.
 
 Layer: tests-shared (emulators). Imports: the standard library, ``aiohttp`` (a dependency of the
-``daytona`` SDK itself) and ``metaflow_extensions.sandbox.core`` (each sandbox is a core ``local``
-sandbox, under bubblewrap when available, so it never sees the launcher's files).
+``daytona`` SDK itself), ``emulator_base``, ``daytona_model`` and ``daytona_toolbox`` (next to this
+file) and ``metaflow_extensions.sandbox.core`` (each sandbox is a core ``local`` sandbox, under
+bubblewrap when available, so it never sees the launcher's files).
 
     python tests-shared/emulators/daytona_emulator.py --port PORT [--isolation auto] [faults...]
 
@@ -33,15 +34,13 @@ activity for ``autoStopInterval`` minutes: stopped, and deleted at once with aut
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
-import shutil
-import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,46 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import daytona_toolbox as toolbox
 from daytona_model import DEFAULT_SNAPSHOT, DaytonaFaults, EmulatedSandbox, Emulator, emulator, error
+from emulator_base import parser as emulator_parser
+from emulator_base import serve_main
 
 from metaflow_extensions.sandbox.core import Resources, SandboxSpec
-
-
-@web.middleware
-async def faults_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    path = request.path
-    if path.startswith("/_emulator/"):
-        return await handler(request)  # type: ignore[no-any-return]
-    if path.startswith("/socket.io"):
-        # No event gateway: the SDK falls back to polling, as it does behind proxies.
-        return error(404, "Cannot GET /socket.io/")
-    faults = emulator(request).faults
-    if faults.latency_ms:
-        await asyncio.sleep(faults.latency_ms / 1000)
-    auth = request.headers.get("Authorization", "")
-    if not auth.startswith("Bearer ") or auth[7:].startswith("invalid"):
-        await request.read()
-        return error(401, "Invalid credentials", code="UNAUTHORIZED")
-    refusal = faults.refusal()
-    if refusal == 429:
-        await request.read()
-        return error(429, "ThrottlerException: Too Many Requests (emulated)")
-    if refusal == 503:
-        await request.read()
-        return error(503, "Service Unavailable (emulated)")
-    return await handler(request)  # type: ignore[no-any-return]
-
-
-async def admin_state(request: web.Request) -> web.Response:
-    return web.json_response(emulator(request).state())
-
-
-async def admin_faults(request: web.Request) -> web.Response:
-    faults = emulator(request).faults
-    problem = faults.update(await request.json() if request.can_read_body else {})
-    if problem:
-        return error(400, problem)
-    return web.json_response(faults.as_dict())
-
 
 # -- control plane -----------------------------------------------------------------------------
 
@@ -126,25 +89,16 @@ async def create_sandbox(request: web.Request) -> web.Response:
     local = await asyncio.to_thread(emu.local.create, spec)
     sandbox_id = str(uuid.uuid4())
     sbx = EmulatedSandbox(sandbox_id, body, image, local, emu.base)
-    with emu.lock:
-        emu.sandboxes[sandbox_id] = sbx
-        emu.created += 1
+    emu.add(sandbox_id, sbx)
     return web.json_response(sbx.json())
 
 
-async def get_sandbox(request: web.Request) -> web.Response:
-    sbx = emulator(request).find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
+async def get_sandbox(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     return web.json_response(sbx.json())
 
 
-async def delete_sandbox(request: web.Request) -> web.Response:
-    emu = emulator(request)
-    sbx = emu.find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
-    await asyncio.to_thread(emu.remove, sbx.id)
+async def delete_sandbox(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
+    await asyncio.to_thread(emulator(request).remove, sbx.id)
     return web.json_response(sbx.json())
 
 
@@ -179,42 +133,23 @@ async def list_paginated(request: web.Request) -> web.Response:
     )
 
 
-def _sandbox_or_404(request: web.Request) -> EmulatedSandbox | web.Response:
-    sbx = emulator(request).find(request.match_info["id"])
-    if sbx is None:
-        return error(404, f"Sandbox with ID or name {request.match_info['id']} not found", code="NOT_FOUND")
-    return sbx
-
-
-async def set_labels(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def set_labels(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     sbx.labels = dict((await request.json()).get("labels") or {})
     return web.json_response({"labels": sbx.labels})
 
 
-async def set_interval(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def set_interval(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     value = int(request.match_info["n"])
     setattr(sbx, "auto_stop" if request.match_info["what"] == "autostop" else "auto_delete", value)
     return web.json_response(sbx.json())
 
 
-async def last_activity(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def last_activity(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     sbx.last_activity = time.time()
     return web.Response(status=201)
 
 
-async def toolbox_proxy_url(request: web.Request) -> web.Response:
-    sbx = _sandbox_or_404(request)
-    if isinstance(sbx, web.Response):
-        return sbx
+async def toolbox_proxy_url(request: web.Request, sbx: EmulatedSandbox) -> web.Response:
     return web.json_response({"url": sbx.toolbox_url})
 
 
@@ -228,79 +163,66 @@ async def unknown(request: web.Request) -> web.Response:
     return error(404, f"Cannot {request.method} {request.path}")
 
 
-def make_app(emu: Emulator) -> web.Application:
-    app = web.Application(middlewares=[faults_and_auth], client_max_size=1 << 40)
-    app["emu"] = emu
-    r = app.router
-    r.add_get("/_emulator/state", admin_state)
-    r.add_post("/_emulator/faults", admin_faults)
-    r.add_get("/api/config", config)
-    r.add_post("/api/sandbox", create_sandbox)
-    r.add_get("/api/sandbox", list_sandboxes)
-    r.add_get("/api/sandbox/paginated", list_paginated)
-    r.add_get("/api/sandbox/{id}", get_sandbox)
-    r.add_delete("/api/sandbox/{id}", delete_sandbox)
-    r.add_put("/api/sandbox/{id}/labels", set_labels)
-    r.add_post("/api/sandbox/{id}/{what:autostop|autodelete}/{n:-?[0-9]+}", set_interval)
-    r.add_post("/api/sandbox/{id}/last-activity", last_activity)
-    r.add_get("/api/sandbox/{id}/toolbox-proxy-url", toolbox_proxy_url)
-    tb = "/toolbox/{id}"
-    r.add_post(f"{tb}/process/session", toolbox.create_session)
-    r.add_get(f"{tb}/process/session", toolbox.list_sessions)
-    r.add_get(f"{tb}/process/session/{{session}}", toolbox.get_session)
-    r.add_delete(f"{tb}/process/session/{{session}}", toolbox.delete_session)
-    r.add_post(f"{tb}/process/session/{{session}}/exec", toolbox.session_exec)
-    r.add_get(f"{tb}/process/session/{{session}}/command/{{cmd}}", toolbox.get_command)
-    r.add_get(f"{tb}/process/session/{{session}}/command/{{cmd}}/logs", toolbox.command_logs)
-    r.add_post(f"{tb}/process/execute", toolbox.execute)
-    r.add_post(f"{tb}/files/bulk-upload", toolbox.bulk_upload)
-    r.add_post(f"{tb}/files/bulk-download", toolbox.bulk_download)
-    for name in ("work-dir", "user-home-dir", "version"):
-        r.add_get(f"{tb}/{name}", toolbox.info)
-    r.add_route("*", "/{tail:.*}", unknown)
-    return app
+class DaytonaEmulator(Emulator):
+    """The Daytona emulator's HTTP side: authentication, routes and the auto-stop loop."""
 
+    def exempt(self, request: web.Request) -> web.Response | bool:
+        if request.path.startswith("/socket.io"):
+            # No event gateway: the SDK falls back to polling, as it does behind proxies.
+            return error(404, "Cannot GET /socket.io/")
+        return False
 
-async def auto_stop_idle(emu: Emulator) -> None:
-    """Stop (and, with auto-delete 0, delete) sandboxes idle past their auto-stop interval."""
-    while True:
-        await asyncio.sleep(min(1.0, emu.minute_s / 10))
-        for sbx in emu.idle_past_auto_stop(time.time()):
-            await asyncio.to_thread(emu.auto_stop, sbx)
+    def unauthorized(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:].startswith("invalid"):
+            return error(401, "Invalid credentials", code="UNAUTHORIZED")
+        return None
 
+    def background(self) -> list[Callable[[], Awaitable[None]]]:
+        return [self.auto_stop_idle]
 
-async def serve(args: argparse.Namespace) -> None:
-    emu = Emulator(args)
-    runner = web.AppRunner(make_app(emu), handle_signals=False, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY http://127.0.0.1:{args.port}", flush=True)
-    reaper = asyncio.create_task(auto_stop_idle(emu))
-    try:
-        await stop.wait()
-    finally:
-        reaper.cancel()
-        # Terminating the emulator (what test fixtures do) removes every sandbox it still holds.
-        for sandbox_id in list(emu.sandboxes):
-            await asyncio.to_thread(emu.remove, sandbox_id)
-        await runner.cleanup()
-        shutil.rmtree(emu.root, ignore_errors=True)
+    async def auto_stop_idle(self) -> None:
+        """Stop (and, with auto-delete 0, delete) sandboxes idle past their auto-stop interval."""
+        while True:
+            await asyncio.sleep(min(1.0, self.minute_s / 10))
+            for sbx in self.idle_past_auto_stop(time.time()):
+                await asyncio.to_thread(self.auto_stop, sbx)
+
+    def add_routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get("/api/config", config)
+        r.add_post("/api/sandbox", create_sandbox)
+        r.add_get("/api/sandbox", list_sandboxes)
+        r.add_get("/api/sandbox/paginated", list_paginated)
+        r.add_get("/api/sandbox/{id}", self.for_sandbox(get_sandbox))
+        r.add_delete("/api/sandbox/{id}", self.for_sandbox(delete_sandbox))
+        r.add_put("/api/sandbox/{id}/labels", self.for_sandbox(set_labels))
+        r.add_post("/api/sandbox/{id}/{what:autostop|autodelete}/{n:-?[0-9]+}", self.for_sandbox(set_interval))
+        r.add_post("/api/sandbox/{id}/last-activity", self.for_sandbox(last_activity))
+        r.add_get("/api/sandbox/{id}/toolbox-proxy-url", self.for_sandbox(toolbox_proxy_url))
+        tb = "/toolbox/{id}"
+        r.add_post(f"{tb}/process/session", toolbox.create_session)
+        r.add_get(f"{tb}/process/session", toolbox.list_sessions)
+        r.add_get(f"{tb}/process/session/{{session}}", toolbox.get_session)
+        r.add_delete(f"{tb}/process/session/{{session}}", toolbox.delete_session)
+        r.add_post(f"{tb}/process/session/{{session}}/exec", toolbox.session_exec)
+        r.add_get(f"{tb}/process/session/{{session}}/command/{{cmd}}", toolbox.get_command)
+        r.add_get(f"{tb}/process/session/{{session}}/command/{{cmd}}/logs", toolbox.command_logs)
+        r.add_post(f"{tb}/process/execute", toolbox.execute)
+        r.add_post(f"{tb}/files/bulk-upload", toolbox.bulk_upload)
+        r.add_post(f"{tb}/files/bulk-download", toolbox.bulk_download)
+        for name in ("work-dir", "user-home-dir", "version"):
+            r.add_get(f"{tb}/{name}", toolbox.info)
+        r.add_route("*", "/{tail:.*}", unknown)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser = emulator_parser((__doc__ or "").split("\n\n")[0], DaytonaFaults)
     parser.add_argument("--isolation", default="auto", help="local backend isolation: auto, bwrap or process")
     parser.add_argument("--max-live", type=int, default=0, help="refuse creation beyond N live sandboxes (quota)")
     parser.add_argument(
         "--minute-s", type=float, default=60.0, help="seconds in an auto-stop minute (short: watch orphans die)"
     )
-    DaytonaFaults.add_flags(parser)
-    asyncio.run(serve(parser.parse_args()))
+    serve_main(DaytonaEmulator, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The Daytona emulator's state: sandboxes (each a core ``local`` sandbox), sessions, commands
 with their marker-framed output, and the injectable faults.
 
-Layer: tests-shared (emulators). Imports: the standard library, ``aiohttp`` and
-``metaflow_extensions.sandbox.core`` (the local backend runs every emulated sandbox).
+Layer: tests-shared (emulators). Imports: the standard library, ``aiohttp``, ``emulator_base`` and
+``emulator_faults`` (next to this file) and ``metaflow_extensions.sandbox.core``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from emulator_base import BaseEmulator
 from emulator_faults import Faults
 
-from metaflow_extensions.sandbox.core import SandboxError, get_backend
+from metaflow_extensions.sandbox.core import SandboxError
 
 STDOUT, STDERR = b"\x01\x01\x01", b"\x02\x02\x02"
 DEFAULT_SNAPSHOT = "daytonaio/sandbox:0.4.3"
@@ -143,41 +142,36 @@ class EmulatedSandbox:
             return [cmd for session in self.sessions.values() for cmd in session.values()]
 
 
-class Emulator:
+class Emulator(BaseEmulator[EmulatedSandbox]):
+    """Daytona's sandboxes and faults (the routes are ``daytona_emulator.DaytonaEmulator``'s)."""
+
+    name = "daytona"
+    faults: DaytonaFaults
+    refusals = {429: "ThrottlerException: Too Many Requests (emulated)", 503: "Service Unavailable (emulated)"}
+
     def __init__(self, args: argparse.Namespace):
-        self.faults = DaytonaFaults.from_flags(args)
+        super().__init__(args, DaytonaFaults.from_flags(args), isolation=args.isolation)
         self.max_live = args.max_live
         # Daytona counts auto-stop in minutes; a test can make a "minute" short to watch an orphan die.
         self.minute_s = float(getattr(args, "minute_s", 60.0))
-        self.base = f"http://127.0.0.1:{args.port}"
-        self.root = Path(tempfile.mkdtemp(prefix="daytona-emulator-"))
-        self.local = get_backend("local", isolation=args.isolation, root=self.root)
-        self.sandboxes: dict[str, EmulatedSandbox] = {}
-        self.lock = threading.Lock()
-        self.created = self.destroyed = 0
 
-    def state(self) -> dict[str, int]:
-        with self.lock:
-            return {"live": len(self.sandboxes), "created": self.created, "destroyed": self.destroyed}
+    def error(self, status: int, message: str) -> web.Response:
+        return error(status, message)
+
+    def missing(self, sandbox_id: str) -> web.Response:
+        return error(404, f"Sandbox with ID or name {sandbox_id} not found", code="NOT_FOUND")
 
     def find(self, id_or_name: str) -> EmulatedSandbox | None:
         with self.lock:
             found = self.sandboxes.get(id_or_name)
             return found or next((s for s in self.sandboxes.values() if s.body.get("name") == id_or_name), None)
 
-    def remove(self, sandbox_id: str) -> bool:
-        with self.lock:
-            sbx = self.sandboxes.pop(sandbox_id, None)
-            if sbx is not None:
-                self.destroyed += 1
-        if sbx is None:
-            return False
+    def discard(self, sbx: EmulatedSandbox) -> None:
         sbx.state = "destroyed"
         for cmd in sbx.commands():
             cmd.finish(-1, close_code=1011)
         with contextlib.suppress(SandboxError):
             sbx.local.destroy()
-        return True
 
     def idle_past_auto_stop(self, now: float) -> list[EmulatedSandbox]:
         """Started sandboxes with no activity (API calls about them, toolbox requests) for their

@@ -12,11 +12,10 @@ default user's home and the base of relative paths, as on E2B).
 from __future__ import annotations
 
 import contextlib
-import queue
 import shlex
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,36 +42,40 @@ def resolve(path: str) -> str:
 DATA, END, DEADLINE, DEAD = "data", "end", "deadline", "dead"
 
 
+Event = tuple[Any, ...]
+Sink = Callable[[Event], None]
+
+
 @dataclass
 class Process:
     pid: int
     config: dict[str, Any]
     tag: str
     stall: bool = False
-    subscribers: list[queue.Queue[tuple[Any, ...]]] = field(default_factory=list)
-    finished: tuple[Any, ...] | None = None
+    # Where events go: each open Start/Connect stream's sink (called from the process's thread).
+    sinks: list[Sink] = field(default_factory=list)
+    finished: Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # set: SendSignal kills it
 
-    def subscribe(self) -> queue.Queue[tuple[Any, ...]]:
-        q: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    def subscribe(self, sink: Sink) -> None:
+        """``sink`` sees every later event; after the end, just the final one."""
         with self.lock:
             if self.finished is not None:
-                q.put(self.finished)
+                sink(self.finished)
             else:
-                self.subscribers.append(q)
-        return q
+                self.sinks.append(sink)
 
-    def unsubscribe(self, q: queue.Queue[tuple[Any, ...]]) -> None:
+    def unsubscribe(self, sink: Sink) -> None:
         with self.lock, contextlib.suppress(ValueError):
-            self.subscribers.remove(q)
+            self.sinks.remove(sink)
 
-    def publish(self, event: tuple[Any, ...]) -> None:
+    def publish(self, event: Event) -> None:
         with self.lock:
             if event[0] != DATA:
                 self.finished = event
-            for q in self.subscribers:
-                q.put(event)
+            for sink in self.sinks:
+                sink(event)
 
 
 def _wrapper(argv: list[str], cwd: str) -> str:
@@ -138,9 +141,9 @@ class EmulatedSandbox:
     # -- processes -------------------------------------------------------------------------------
 
     def start(
-        self, config: Mapping[str, Any], tag: str, timeout_s: float | None, *, stall: bool
-    ) -> tuple[Process, queue.Queue[tuple[Any, ...]]]:
-        """Start a process; returns it with a subscription that sees every event from the first."""
+        self, config: Mapping[str, Any], tag: str, timeout_s: float | None, *, stall: bool, sink: Sink
+    ) -> Process:
+        """Start a process whose every event, from the first, goes to ``sink``."""
         with self._lock:
             self._next_pid += 1
             pid = self._next_pid
@@ -173,9 +176,9 @@ class EmulatedSandbox:
             finally:
                 self.processes.pop(pid, None)
 
-        events = proc.subscribe()
+        proc.subscribe(sink)
         threading.Thread(target=run, name=f"envd-{self.id}-{pid}", daemon=True).start()
-        return proc, events
+        return proc
 
     def signal(self, pid: int) -> bool:
         """SIGKILL (or SIGTERM, treated alike) a running process; False when there is no such pid."""
@@ -197,4 +200,16 @@ class EmulatedSandbox:
         self.local.download(resolve(path), dst)
 
 
-__all__ = ["DATA", "DEAD", "DEADLINE", "END", "HOME", "EmulatedSandbox", "Process", "SandboxFileNotFound", "resolve"]
+__all__ = [
+    "DATA",
+    "DEAD",
+    "DEADLINE",
+    "END",
+    "HOME",
+    "EmulatedSandbox",
+    "Event",
+    "Process",
+    "SandboxFileNotFound",
+    "Sink",
+    "resolve",
+]
