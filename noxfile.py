@@ -222,6 +222,7 @@ def example_backend(session: nox.Session) -> None:
 
 # Backends whose flows run on the newest Metaflow line only (CI time); the others on every line.
 NEWEST_ONLY = {"modal"}
+PROVIDERS_WITH_EMULATORS = {"daytona", "e2b", "modal"}
 E2E_CELLS = [
     nox.param(backend, metaflow, id=f"backend='{backend}', metaflow='{metaflow}'")
     for backend in BACKENDS
@@ -245,7 +246,10 @@ def e2e(session: nox.Session, backend: str, metaflow: str) -> None:
         *wheels(session, *BACKEND_PACKAGES[backend], "plugins"),
     )
     show_versions(session, "metaflow")
-    session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env={"MFSBX_E2E_BACKEND": backend})
+    env = {"MFSBX_E2E_BACKEND": backend}
+    if backend in PROVIDERS_WITH_EMULATORS and metaflow == METAFLOW_VERSIONS[-1]:
+        env["MFSBX_E2E_FAULTS"] = "1"  # the fault table (test_faults.py), once per provider: CI time
+    session.run("pytest", *XDIST, "tests-shared/e2e", *session.posargs, env=env)
 
 
 # Remote datastores (S3 through moto_server), kept lean for CI: `local` on the oldest and the
