@@ -162,9 +162,11 @@ ROWS = [
         "upload",
         {
             "daytona": "DaytonaFaults has no knob that stalls an upload",
+            # The upload's watchdog gives up after the request timeout (5 s here) without
+            # progress; the backend uploads again, before any user code ran.
             "e2b": Knobs(
                 {"stall_upload_next": 1, "match": ""},
-                absorbed=False,
+                group="stall-upload",
                 env={"METAFLOW_SANDBOX_E2B_REQUEST_TIMEOUT_S": "5"},
             ),
             "modal": "ModalFaults has no knob that stalls an upload",
