@@ -222,11 +222,24 @@ def example_backend(session: nox.Session) -> None:
 
 # Backends whose flows run on the newest Metaflow line only (CI time); the others on every line.
 NEWEST_ONLY = {"modal"}
+# Releases listed for a boundary of our Metaflow shims, not for a minor line of their own: the shims
+# are the integration's, the same whatever the backend beneath, so `local` crosses these boundaries
+# and the providers run every minor line (a release on each side of each boundary) without them.
+SHIM_BOUNDARIES = {"2.15.0", "2.16.0", "2.19.22"}
+
+
+def e2e_releases(backend: str) -> list[str]:
+    if backend in NEWEST_ONLY:
+        return METAFLOW_VERSIONS[-1:]
+    if backend == "local":
+        return METAFLOW_VERSIONS
+    return [v for v in METAFLOW_VERSIONS if v not in SHIM_BOUNDARIES]
+
+
 E2E_CELLS = [
     nox.param(backend, metaflow, id=f"backend='{backend}', metaflow='{metaflow}'")
     for backend in BACKENDS
-    for metaflow in METAFLOW_VERSIONS
-    if backend not in NEWEST_ONLY or metaflow == METAFLOW_VERSIONS[-1]
+    for metaflow in e2e_releases(backend)
 ]
 
 
