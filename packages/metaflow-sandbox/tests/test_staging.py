@@ -260,3 +260,29 @@ def test_this_attempts_own_files_may_be_rewritten(loc, tmp_path):
     archive = out_archive(tmp_path / "out.tar", {f"{task_dir}/1.attempt.json": b'{"time": 2}'})
     staging.merge_outputs(str(archive), loc, attempt=1)
     assert (task_dir / "1.attempt.json").read_text() == '{"time": 2}'
+
+
+def test_a_sibling_merging_the_same_blob_meanwhile_does_not_split_the_pair(loc, tmp_path, monkeypatch):
+    # Foreach siblings often compute equal values: while this merge reads the blob, a sibling's
+    # merge lands the same blob and its _meta. This merge must keep or skip the pair whole.
+    sibling = staging.TaskLocation(
+        root=loc.root, flow=loc.flow, run_id=loc.run_id, step=loc.step, task_id="8", card_root=loc.card_root
+    )
+    blob_dir = Path(loc.blob_dir)
+    shared = blob_members(blob_dir, b"a value both siblings computed")
+    ours = out_archive(tmp_path / "ours.tar", {f"{loc.task_dir}/0.DONE.lock": b"", **shared})
+    theirs = out_archive(tmp_path / "theirs.tar", {f"{sibling.task_dir}/0.DONE.lock": b"", **shared})
+    extract = tarfile.TarFile.extractfile
+    interleaved = []
+
+    def sibling_lands_meanwhile(self, member):
+        if not interleaved and member.name.lstrip("/").startswith(str(blob_dir).lstrip("/")):
+            interleaved.append(theirs)  # before the sibling's merge, which reads through this hook too
+            staging.merge_outputs(str(theirs), sibling)
+        return extract(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", sibling_lands_meanwhile)
+    staging.merge_outputs(str(ours), loc)
+    assert interleaved and (Path(loc.task_dir) / "0.DONE.lock").exists()
+    key = Path(next(iter(shared))).name
+    assert (blob_dir / key[:2] / f"{key}_meta").exists() and (blob_dir / key[:2] / key).exists()

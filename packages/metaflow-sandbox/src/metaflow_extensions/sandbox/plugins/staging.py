@@ -383,6 +383,7 @@ def merge_outputs(
     skipped. Returns the paths written.
     """
     pending: dict[str, str] = {}  # final path -> temporary file
+    present: dict[str, bool] = {}  # blob key -> the datastore has it already
     own: set[str] = set()  # this attempt's files, which it may rewrite
     blob_prefix = loc.blob_dir + "/"
     try:
@@ -398,7 +399,11 @@ def merge_outputs(
                     if not match:
                         raise UntrustedOutput(f"The sandbox returned {member.name!r}, which is not a blob's path.")
                     key = match.group(2)
-                    if key in known_blobs or os.path.exists(os.path.join(loc.blob_dir, key[:2], key)):
+                    # Decided once per blob for its two files: a sibling task merging the same
+                    # content concurrently must not make us keep one half of the pair and skip the other.
+                    if key not in present:
+                        present[key] = key in known_blobs or os.path.exists(os.path.join(loc.blob_dir, key[:2], key))
+                    if present[key]:
                         continue  # content-addressed: the datastore has these bytes already
                 else:
                     numbered = _ATTEMPT_FILE.match(os.path.basename(path))
@@ -422,9 +427,11 @@ def merge_outputs(
             Path(tmp).unlink(missing_ok=True)
         raise
 
-    # Blobs first, then task files, DONE.lock last: a reader that sees DONE sees everything.
-    def rank(path: str) -> tuple[bool, bool]:
-        return not path.startswith(blob_prefix), bool(_DONE.match(os.path.basename(path)))
+    # Blobs first (each ``_meta`` before its blob, so a blob that exists has its ``_meta``), then
+    # task files, DONE.lock last: a reader that sees DONE sees everything.
+    def rank(path: str) -> tuple[bool, bool, bool]:
+        is_blob = path.startswith(blob_prefix)
+        return not is_blob, is_blob and not path.endswith(_META), bool(_DONE.match(os.path.basename(path)))
 
     order = sorted(pending.items(), key=lambda item: rank(item[0]))
     for path, tmp in order:
