@@ -260,6 +260,7 @@ def _bad_input() -> list[object]:
                  "cannot keep its sandboxes in /proc/no-such-root", "local-root"),
             _bad([], {"METAFLOW_SANDBOX_LOCAL_ROOT": "/etc/passwd/root"}, "Set METAFLOW_SANDBOX_LOCAL_ROOT",
                  "local-root-file"),
+            _bad([w, "sandbox:image=ubuntu"], {}, "the local backend runs no images (image='ubuntu')", "local-image"),
         ],
         "daytona": [
             _bad([], {"DAYTONA_API_KEY": ""}, "DAYTONA_API_KEY is not set", "missing-key"),

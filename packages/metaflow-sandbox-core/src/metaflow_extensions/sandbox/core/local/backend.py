@@ -294,6 +294,7 @@ class LocalBackend(SandboxBackend):
     name = "local"
     runs_launcher_python = True
     shares_host_dirs = True
+    runs_images = False
     options = (
         Option("isolation", default="auto", choices=ISOLATION_MODES, help=_ISOLATION_HELP),
         Option("root", help="where sandboxes live; default `$TMPDIR/metaflow-sandbox-local-<uid>`"),
