@@ -94,4 +94,4 @@ def _pack_outputs(req: TaskRequest) -> str:
     """Shell run after the task: on the relay path, pack its outputs for the launcher."""
     if req.data_path == "direct":
         return "true"  # the task wrote its outputs to the datastore itself
-    return f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2"
+    return f"{staging.pack_command(req.location, MARKER, req.attempt)} || echo 'packing the task outputs failed' >&2"
