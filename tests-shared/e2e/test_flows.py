@@ -204,6 +204,10 @@ def _bad(flow_args: list[str], env: dict[str, str], message: str, case: str) -> 
     return pytest.param(["linear_flow.py", *flow_args, *command], env, message, id=case)
 
 
+# An S3 datastore no test reaches: refusals made before the datastore is asked need no bucket.
+NOWHERE_S3 = {"METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://mfsbx-nowhere/root"}
+
+
 def _bad_input() -> list[object]:
     """Malformed and hostile configurations, each refused before "Workflow starting" with a message
     naming what to change. Rows that do not depend on the backend run in the local cell only (they
@@ -248,6 +252,11 @@ def _bad_input() -> list[object]:
         _bad(["misconfigured:timeout-fraction"], {}, "timeout=1.5 must be an integer", "timeout-fraction"),
         _bad(["misconfigured:image-not-text"], {}, "image=3 must be a string", "image-not-text"),
         _bad(["misconfigured:env-not-text"], {}, "env must be a dict", "env-list"),
+        # @pypi/@conda: Metaflow's bootstrap reads the packages from a remote datastore, over the network.
+        _bad(["misconfigured:pypi"], {"METAFLOW_DEFAULT_ENVIRONMENT": "pypi"}, "@pypi needs a remote datastore",
+             "pypi-local-datastore"),
+        _bad(["misconfigured:pypi-no-network"], {"METAFLOW_DEFAULT_ENVIRONMENT": "pypi", **NOWHERE_S3},
+             "@pypi with network=False", "pypi-no-network"),
         _bad(["argo-workflows", "create"], {}, "which `argo-workflows` cannot deploy", "deployer"),
     ]  # fmt: skip
     per_backend = {

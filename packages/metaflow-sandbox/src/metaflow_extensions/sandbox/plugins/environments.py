@@ -98,3 +98,28 @@ def shell(environment_entry: str, reused: bool, dirs: Sequence[str]) -> tuple[st
         f'[ -n "$e" ] && tar -c -f ../{OUT_FILE} $e 2>/dev/null || rm -f ../{OUT_FILE}; fi'
     )
     return "", pack
+
+
+def refusal(environment: str, decos: Sequence[Any], datastore: str, network: bool) -> str:
+    """Why a step's ``@pypi``/``@conda`` environment cannot be bootstrapped in a sandbox, naming
+    the fix ("" when it can). Metaflow's bootstrap (as under ``@batch``) downloads micromamba
+    from the network and reads the environment's packages from the datastore, where the runtime
+    caches them before the run: only a remote datastore has them."""
+    active = [d.name for d in decos if d.name in ("pypi", "conda") and not d.attributes.get("disabled")]
+    if environment not in ("conda", "pypi") or not active:
+        return ""
+    if datastore == "local":
+        return (
+            f"@{active[0]} needs a remote datastore in a sandbox: Metaflow's bootstrap there reads the "
+            "environment's packages from the datastore, where the run caches them only when it is remote "
+            "(as with @batch). Run with --datastore=s3, or use --environment=uv (it works on the local "
+            "datastore), or put the dependencies in the image or in the Python you launch the flow with "
+            "(the local backend's sandboxes use it)."
+        )
+    if not network:
+        return (
+            f"@{active[0]} with network=False: Metaflow's bootstrap in the sandbox downloads micromamba "
+            "and reads the packages from the datastore over the network. Allow the network "
+            "(network=True), or put the dependencies in the image."
+        )
+    return ""

@@ -179,6 +179,13 @@ class SandboxDecorator(StepDecorator):
             raise SandboxException(
                 f"Step *{step}* has both @{self.name} and @{others[0]}: a step runs in one place. Remove one of them."
             )
+        from .environments import refusal
+
+        # Before the datastore's checks: no bucket needs to answer for this to be refused.
+        network = _is_true(self.attributes["network"]) is not False  # a bad value is refused later
+        refused = refusal(str(getattr(self.environment, "TYPE", "")), decos, flow_datastore.TYPE, network)
+        if refused:
+            raise SandboxException(f"@{self.name} on step *{step}*: {refused}")
         self._check_datastore(step, flow_datastore, logger)
 
     def _check_datastore(self, step: str, flow_datastore: Any, logger: Any) -> None:
