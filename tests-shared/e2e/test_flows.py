@@ -204,6 +204,10 @@ def _bad(flow_args: list[str], env: dict[str, str], message: str, case: str) -> 
     return pytest.param(["linear_flow.py", *flow_args, *command], env, message, id=case)
 
 
+# An S3 datastore no test reaches: refusals made before the datastore is asked need no bucket.
+NOWHERE_S3 = {"METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://mfsbx-nowhere/root"}
+
+
 def _bad_input() -> list[object]:
     """Malformed and hostile configurations, each refused before "Workflow starting" with a message
     naming what to change. Rows that do not depend on the backend run in the local cell only (they
@@ -248,6 +252,11 @@ def _bad_input() -> list[object]:
         _bad(["misconfigured:timeout-fraction"], {}, "timeout=1.5 must be an integer", "timeout-fraction"),
         _bad(["misconfigured:image-not-text"], {}, "image=3 must be a string", "image-not-text"),
         _bad(["misconfigured:env-not-text"], {}, "env must be a dict", "env-list"),
+        # @pypi/@conda: Metaflow's bootstrap reads the packages from a remote datastore, over the network.
+        _bad(["misconfigured:pypi"], {"METAFLOW_DEFAULT_ENVIRONMENT": "pypi"}, "@pypi needs a remote datastore",
+             "pypi-local-datastore"),
+        _bad(["misconfigured:pypi-no-network"], {"METAFLOW_DEFAULT_ENVIRONMENT": "pypi", **NOWHERE_S3},
+             "@pypi with network=False", "pypi-no-network"),
         _bad(["argo-workflows", "create"], {}, "which `argo-workflows` cannot deploy", "deployer"),
     ]  # fmt: skip
     per_backend = {
@@ -260,6 +269,7 @@ def _bad_input() -> list[object]:
                  "cannot keep its sandboxes in /proc/no-such-root", "local-root"),
             _bad([], {"METAFLOW_SANDBOX_LOCAL_ROOT": "/etc/passwd/root"}, "Set METAFLOW_SANDBOX_LOCAL_ROOT",
                  "local-root-file"),
+            _bad([w, "sandbox:image=ubuntu"], {}, "the local backend runs no images (image='ubuntu')", "local-image"),
         ],
         "daytona": [
             _bad([], {"DAYTONA_API_KEY": ""}, "DAYTONA_API_KEY is not set", "missing-key"),
@@ -326,11 +336,12 @@ def test_sandbox_doctor_checks_the_flows_backend(flowdir, backend_name):
     assert flowdir.live_sandboxes("linear_flow.py") == []
 
 
-def test_uv_environment_is_bootstrapped_in_every_sandbox(flowdir, backend_name):
+def test_uv_environment_is_bootstrapped_in_every_sandbox_and_built_once(flowdir, backend_name):
     # `--environment=uv`: each sandbox syncs the project from its uv.lock (shipped in the code
     # package) before the step runs with `uv run --no-sync python`; offline, from wheels next to
     # the flow: the project's own package (which the launcher's environment lacks) and what
     # Metaflow's bootstrap installs for the local datastore (requests and its dependencies).
+    # The first task builds the environment; every later task gets it and finds it in sync.
     if backend_name != "local":
         # The bootstrap is the same shell on every backend (it passed against both emulators when
         # written); a provider cell spends ~20 s more on it, so the matrix runs it on local only.
@@ -354,11 +365,17 @@ def test_uv_environment_is_bootstrapped_in_every_sandbox(flowdir, backend_name):
     )
     subprocess.run([uv, "lock", "--offline"], cwd=flowdir.path, check=True, capture_output=True)
     assert importlib.util.find_spec("mfsbx_uvdep") is None, "the launcher's environment must lack the package"
-    flowdir.run("uv_flow.py", "--environment=uv", "--package-suffixes=.py,.whl", "run")
+    proc = flowdir.run("uv_flow.py", "--environment=uv", "--package-suffixes=.py,.whl", "run")
+    print("\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "Sandbox sbx-" in line))  # figures
     run = flowdir.inspect("UvFlow")
     assert run["successful"]
     start, end = task(run, "start"), task(run, "end")
     assert start["artifacts"]["value"] == end["artifacts"]["end_value"] == "from-the-uv-project"
+    assert task(run, "join")["artifacts"]["item_values"] == [f"from-the-uv-project-{i}" for i in (1, 2, 3)]
+    reused = "Reusing the environment an earlier task of this run built (.venv, uv_install)."
+    assert reused not in start["stdout"], "the first task builds the environment"
+    later = [t for name in ("work", "join", "end") for t in run["steps"][name]]
+    assert len(later) == 5 and all(reused in t["stdout"] for t in later), [t["stdout"] for t in later]
     assert start["artifacts"]["sandboxed"] and end["artifacts"]["end_sandboxed"]
     assert start["sandbox"]["sandbox-backend"] == end["sandbox"]["sandbox-backend"] == backend_name
     assert end["artifacts"]["end_python"].endswith("/.venv/bin/python"), end["artifacts"]["end_python"]

@@ -96,3 +96,20 @@ def test_byte_decoder_keeps_split_utf8_characters():
         decoder.feed(data[i : i + 1])
     decoder.close()
     assert "".join(parts) == "é✓"
+
+
+def test_cancellable_is_public_and_a_flag_file_kills_the_command(tmp_path):
+    # Third-party backends whose SDK cannot kill a process group wrap commands with it (Modal does).
+    import subprocess
+
+    from metaflow_extensions.sandbox import core
+
+    assert "cancellable" in core.__all__
+    proc = subprocess.Popen(
+        ["bash", "-c", core.cancellable("echo started; sleep 600", "stop")], cwd=tmp_path, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
+    (tmp_path / "stop").touch()
+    assert proc.wait(timeout=60) == 128 + 9
+    assert not (tmp_path / "stop").exists(), "the flag is removed with the command"
+    proc.stdout.close()

@@ -23,11 +23,13 @@ from metaflow_extensions.sandbox.core.provider import (
     ErrorTable,
     SdkSpec,
     Transport,
+    in_workdir,
     load_sdk,
     status_of,
     supported_range,
 )
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile
+from sandbox_testing.exceptions import raised_from
 
 
 class ProviderError(Exception):
@@ -51,16 +53,6 @@ TABLE = ErrorTable(
         ErrorRule(QuotaExceeded, texts=("quota",), contexts=("create",), remedy="delete some"),
     ),
 )
-
-
-def raised_from(outer: Exception, inner: Exception) -> Exception:
-    try:
-        try:
-            raise inner
-        except Exception as e:
-            raise outer from e
-    except Exception as e:
-        return e
 
 
 def test_first_matching_row_decides_the_class_and_whether_it_is_transient():
@@ -157,3 +149,9 @@ def test_a_missing_sdk_names_its_own_distribution_not_the_backend(fake_backend_d
     with pytest.raises(ConfigurationError, match="needs the Pytest SDK \\(the `pytest` distribution\\)") as info:
         load_sdk(spec)
     assert "pip install 'pytest<1'" in str(info.value) and "fake-backend" not in str(info.value)
+
+
+def test_relative_paths_are_under_the_working_directory():
+    assert in_workdir("in.tar", "/home/user") == in_workdir("in.tar", "/home/user/") == "/home/user/in.tar"
+    assert in_workdir("/tmp/x", "/home/user") == "/tmp/x"
+    assert in_workdir("a/b", "/") == "/a/b"

@@ -19,19 +19,10 @@ from metaflow_extensions.sandbox.core import (
 )
 from metaflow_extensions.sandbox.daytona.errors import TABLE, call, download_error, translate
 from metaflow_extensions.sandbox.daytona.sdk import load_sdk
+from sandbox_testing.exceptions import raised_from
 
 SDK, _ = load_sdk()
 DaytonaError = SDK.DaytonaError
-
-
-def raised_from(outer: Exception, inner: Exception) -> Exception:
-    try:
-        try:
-            raise inner
-        except Exception as e:
-            raise outer from e
-    except Exception as e:
-        return e
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])

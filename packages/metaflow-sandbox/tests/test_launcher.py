@@ -136,3 +136,21 @@ def test_a_kill_mark_is_seen_once(tmp_path: Path, monkeypatch):
     assert not kills.was_killed("local", "sbx-2") and not kills.was_killed("daytona", "sbx-1")
     assert kills.was_killed("local", "sbx-1")
     assert not kills.was_killed("local", "sbx-1"), "consumed"
+
+
+def test_a_signal_ends_the_launcher_like_a_killed_process(tmp_path: Path, monkeypatch):
+    """SIGTERM while the task runs: the sandbox is destroyed and the launcher exits 128 + 15 (the
+    sandbox vanishing under its own command must not turn this into an infrastructure failure)."""
+    sandboxes = tmp_path / "sandboxes"
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(sandboxes))
+    _, request_file = saved_request(tmp_path, "echo task-started && sleep 600")
+    launcher = subprocess.Popen([*LAUNCHER, str(request_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert launcher.stdout is not None
+        assert b"task-started" in launcher.stdout.readline()
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+        assert launcher.returncode == 128 + signal.SIGTERM, err
+        assert not list(sandboxes.glob("sbx-*")), "the sandbox is destroyed"
+    finally:
+        launcher.kill()

@@ -286,3 +286,26 @@ def test_a_sibling_merging_the_same_blob_meanwhile_does_not_split_the_pair(loc, 
     assert interleaved and (Path(loc.task_dir) / "0.DONE.lock").exists()
     key = Path(next(iter(shared))).name
     assert (blob_dir / key[:2] / f"{key}_meta").exists() and (blob_dir / key[:2] / key).exists()
+
+
+def test_packing_leaves_out_other_attempts_files_of_a_shared_task_directory(loc, tmp_path):
+    """Without a private root (the local backend's process mode) the sandbox packs from the
+    launcher's datastore, where a killed attempt 0 left files (the runtime's log among them): the
+    retry's archive holds only attempt 1's files and the others, and it merges."""
+    task_dir = Path(loc.task_dir)
+    for name in ("0.runtime_stdout.log", "0.attempt.json", "_meta/0_artifact_x.json", "_meta/_self.json"):
+        write(task_dir / name, "attempt 0 or the runtime")
+    for name in ("1.attempt.json", "1.data.json", "_meta/1_artifact_x.json", "1.DONE.lock", "12.not-mine"):
+        write(task_dir / name, "attempt 1")
+    write(Path(loc.card_dir) / "cards" / "c.html", "<html/>")
+    write(tmp_path / "work" / "mfsbx" / "marker")
+    subprocess.run(["bash", "-c", staging.pack_command(loc, "mfsbx/marker", 1)], cwd=tmp_path / "work", check=True)
+    with tarfile.open(tmp_path / "work" / staging.OUT_ARCHIVE) as tar:
+        packed = sorted(os.path.relpath("/" + name, loc.task_dir) for name in tar.getnames())
+    assert packed == sorted(
+        [
+            "1.attempt.json", "1.data.json", "_meta/1_artifact_x.json", "1.DONE.lock", "_meta/_self.json",
+            os.path.relpath(os.path.join(loc.card_dir, "cards", "c.html"), loc.task_dir),
+        ]
+    )  # fmt: skip
+    staging.merge_outputs(str(tmp_path / "work" / staging.OUT_ARCHIVE), loc, attempt=1)

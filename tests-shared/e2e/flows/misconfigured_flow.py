@@ -7,7 +7,7 @@ Layer: tests-shared/e2e (a flow run by the e2e tests). Imports: metaflow.
 
 import os
 
-from metaflow import FlowSpec, batch, daytona, environment, kubernetes, sandbox, step
+from metaflow import FlowSpec, batch, daytona, environment, kubernetes, pypi, sandbox, step
 
 CASES = {
     "none": lambda f: f,
@@ -21,6 +21,8 @@ CASES = {
     "timeout-fraction": sandbox(timeout=1.5),
     "image-not-text": sandbox(image=3),
     "env-not-text": sandbox(env=["A=1"]),
+    "pypi": lambda f: pypi(packages={"six": "1.16.0"})(sandbox(f)),
+    "pypi-no-network": lambda f: pypi(packages={"six": "1.16.0"})(sandbox(network=False)(f)),
 }
 
 

@@ -1,4 +1,5 @@
-"""A flow of a uv project (``--environment=uv``) whose steps import a package only the project has.
+"""A flow of a uv project (``--environment=uv``) whose steps import a package only the project has;
+a foreach in the middle, so that the run's later tasks can reuse the environment an earlier built.
 
 Layer: tests-shared/e2e flows. Imports: metaflow (the step imports the project's package).
 """
@@ -19,6 +20,21 @@ class UvFlow(FlowSpec):
 
         self.value = mfsbx_uvdep.VALUE
         self.sandboxed = bool(os.environ.get("METAFLOW_SANDBOX_ID"))
+        self.items = [1, 2, 3]
+        self.next(self.work, foreach="items")
+
+    @sandbox(env=OFFLINE)
+    @step
+    def work(self):
+        import mfsbx_uvdep
+
+        self.item_value = f"{mfsbx_uvdep.VALUE}-{self.input}"
+        self.next(self.join)
+
+    @sandbox(env=OFFLINE)
+    @step
+    def join(self, inputs):
+        self.item_values = sorted(i.item_value for i in inputs)
         self.next(self.end)
 
     @sandbox(env=OFFLINE)

@@ -7,7 +7,16 @@ Layer: core (bottom). Imports: the standard library only; never Metaflow, never 
         print(sbx.run("echo $A").stdout)
 """
 
-from .backend import LEASE_ENV, OWNER_LABEL, Sandbox, SandboxBackend, destroy_all_live, lease_s, owned_labels
+from .backend import (
+    LEASE_ENV,
+    OWNER_LABEL,
+    Sandbox,
+    SandboxBackend,
+    cancellable,
+    destroy_all_live,
+    lease_s,
+    owned_labels,
+)
 from .errors import (
     AuthenticationError,
     BackendNotFound,
@@ -48,6 +57,7 @@ __all__ = [
     "TransientError",
     "available_backends",
     "backend_class",
+    "cancellable",
     "default_backend",
     "destroy_all_live",
     "get_backend",

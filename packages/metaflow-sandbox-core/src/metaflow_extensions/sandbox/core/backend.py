@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import codecs
 import contextlib
+import functools
 import os
 import shlex
 import tempfile
@@ -23,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .errors import CommandTimeout, ConfigurationError, SandboxError, SandboxUnavailable
 from .options import Option
@@ -356,6 +357,9 @@ class SandboxBackend(ABC):
     #: Whether commands in its sandboxes run under the launcher's own Python interpreter, so that
     #: bytecode compiled by the launcher is valid there (callers may then ship ``.pyc`` files).
     runs_launcher_python: ClassVar[bool] = False
+    #: Whether ``SandboxSpec.image`` means anything to it (``local`` has no images): callers can
+    #: refuse an image before any sandbox exists instead of at ``create``.
+    runs_images: ClassVar[bool] = True
     #: Whether ``create`` honours ``SandboxSpec.read_only_dirs`` (shares this machine's directories).
     shares_host_dirs: ClassVar[bool] = False
     #: Other distribution names a required provider SDK may be installed under (a deprecated alias
@@ -363,9 +367,18 @@ class SandboxBackend(ABC):
     #: ``metaflow-sandbox doctor`` checks the SDK's version under either name.
     sdk_aliases: ClassVar[Mapping[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        create = cls.__dict__.get("create")
+        if create is not None and not getattr(create, "_refuses_unshared", False):
+            cls.create = _refusing_unshared_dirs(create)  # type: ignore[method-assign,assignment]
+
     @abstractmethod
     def create(self, spec: SandboxSpec) -> Sandbox:
-        """Create and start a sandbox; it is ready for ``run`` when this returns."""
+        """Create and start a sandbox; it is ready for ``run`` when this returns.
+
+        A backend whose ``shares_host_dirs`` is false never sees a spec with ``read_only_dirs``:
+        the base refuses it first (a silently missing directory would fail far from its cause)."""
 
     @abstractmethod
     def list(self, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
@@ -375,3 +388,23 @@ class SandboxBackend(ABC):
     @abstractmethod
     def destroy(self, sandbox_id: str) -> None:
         """Destroy a sandbox by id (e.g. one found by ``list``); an unknown id is not an error."""
+
+
+def _refusing_unshared_dirs(create: Callable[[Any, SandboxSpec], Sandbox]) -> Callable[[Any, SandboxSpec], Sandbox]:
+    """``create`` that first refuses ``SandboxSpec.read_only_dirs`` on a backend that cannot share
+    this machine's directories, before any sandbox exists (every subclass's ``create`` is wrapped,
+    third-party ones included)."""
+
+    @functools.wraps(create)
+    def checked(self: SandboxBackend, spec: SandboxSpec) -> Sandbox:
+        if spec.read_only_dirs and not type(self).shares_host_dirs:
+            raise ConfigurationError(
+                f"The {self.name} backend cannot share this machine's directories "
+                f"(SandboxSpec.read_only_dirs: {', '.join(sorted(spec.read_only_dirs))}).",
+                remedy="Upload the files with Sandbox.upload instead, or use a backend whose "
+                "shares_host_dirs is true (local).",
+            )
+        return create(self, spec)
+
+    checked._refuses_unshared = True  # type: ignore[attr-defined]
+    return checked

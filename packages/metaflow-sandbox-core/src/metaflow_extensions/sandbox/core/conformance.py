@@ -83,6 +83,24 @@ class BackendConformance:
     def spec(self, **kwargs: Any) -> SandboxSpec:
         return SandboxSpec(image=self.image, **kwargs)
 
+    def test_read_only_dirs_are_honoured_or_refused_before_any_sandbox(
+        self, backend: SandboxBackend, labels: dict[str, str], tmp_path: Path
+    ) -> None:
+        # A directory of this machine the sandbox should see: either it is there (a backend that
+        # says it shares host directories) or create refuses, naming the fix, and makes nothing.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        (shared / "f.txt").write_text("shared\n")
+        spec = self.spec(labels=labels, read_only_dirs={"ro": str(shared)})
+        if not type(backend).shares_host_dirs:
+            with pytest.raises(ConfigurationError, match="read_only_dirs") as info:
+                backend.create(spec)
+            assert "Sandbox.upload" in str(info.value)
+            assert backend.list(labels) == []
+            return
+        with backend.create(spec) as sbx:
+            assert sbx.run("cat ro/f.txt").stdout == "shared\n"
+
     # -- run ---------------------------------------------------------------------------------
 
     def test_exit_code_stdout_stderr_and_env(self, backend: SandboxBackend) -> None:

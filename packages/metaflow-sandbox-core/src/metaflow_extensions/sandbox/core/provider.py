@@ -10,6 +10,8 @@ backend passes its SDK's exceptions in and gets core errors out.
 - **Transport and status checks** (``Transport``, ``status_of``): the HTTP status behind an
   exception (attributes anywhere along its cause chain, or a pattern the provider's older SDKs
   print), and whether the provider could not be reached at all.
+- **Paths** (``in_workdir``): a relative path of the core API made absolute against the working
+  directory, for SDKs that take absolute paths only.
 - **The supported SDK range** (``load_sdk``): read from the backend distribution's own
   ``Requires-Dist`` metadata, so the range lives in ``pyproject.toml`` only; a missing SDK names the
   SDK's own distribution and the range to install.
@@ -231,6 +233,15 @@ class ErrorTable:
                 raise self.translate(e, doing, context=context, sandbox_id=sandbox_id, endpoint=endpoint) from e
 
         return with_retries(attempt) if retry else attempt()
+
+
+# -- paths in a sandbox ----------------------------------------------------------------------------
+
+
+def in_workdir(path: str, workdir: str) -> str:
+    """``path`` as an absolute path of a sandbox whose working directory is ``workdir``: the core
+    API's relative paths point there, for SDKs that take absolute paths only."""
+    return path if path.startswith("/") else f"{workdir.rstrip('/')}/{path}"
 
 
 # -- the SDK and its supported range -------------------------------------------------------------

@@ -86,7 +86,8 @@ class SandboxSpec:
     ``read_only_dirs`` maps a path relative to the working directory to a directory of this
     machine whose files the sandbox sees there, read-only: many sandboxes share one copy (a code
     package unpacked once). Only backends whose ``shares_host_dirs`` is true honour it (the local
-    backend, by a bind mount); a caller of another backend uploads the files itself.
+    backend, by a bind mount); another backend's ``create`` refuses it (``ConfigurationError``)
+    before any sandbox exists, and its caller uploads the files itself.
     """
 
     image: str | None = None

@@ -38,6 +38,7 @@ from metaflow_extensions.sandbox.core import (
     lease_s,
     owned_labels,
 )
+from metaflow_extensions.sandbox.core.provider import in_workdir
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile, with_retries
 
 from .commands import CommandRun, CommandSettings
@@ -160,7 +161,7 @@ class E2BSandbox(Sandbox):
     # -- the Sandbox primitives ------------------------------------------------------------------
 
     def _path(self, path: str) -> str:
-        return path if path.startswith("/") else f"{self.backend_ref.workdir}/{path}"
+        return in_workdir(path, self.backend_ref.workdir)
 
     def _run(
         self,

@@ -31,10 +31,11 @@ from metaflow_extensions.sandbox.core import (
     SandboxInfo,
     SandboxSpec,
     SandboxUnavailable,
+    cancellable,
     lease_s,
     owned_labels,
 )
-from metaflow_extensions.sandbox.core.backend import cancellable
+from metaflow_extensions.sandbox.core.provider import in_workdir
 from metaflow_extensions.sandbox.core.retry import create_with_reconcile, with_retries
 
 from .errors import TABLE, TOKEN_REMEDY, translate, translate_create, translate_download
@@ -72,7 +73,7 @@ class ModalSandbox(Sandbox):
         _call(lambda: self.sdk.exec("true").wait(), "renewing the sandbox's idle timeout", sandbox_id=self.id)
 
     def _path(self, path: str) -> str:
-        return path if path.startswith("/") else f"{self.backend_ref.workdir}/{path}"
+        return in_workdir(path, self.backend_ref.workdir)
 
     def _run(
         self,

@@ -38,16 +38,25 @@ def cached(path: str, build: Callable[[], object]) -> str:
     """``path`` (an entry of the cache), built with ``build()`` unless it exists; in use by this
     process from now on (it is never evicted while this process lives)."""
     for _ in range(3):  # another process may evict it between our build and our lock: rare
-        if _use(path):
+        if use(path):
             return path
         build()
-        if _use(path):
+        if use(path):
             evict(os.path.dirname(path), code_cache_limit_mb() * 2**20)
             return path
     raise OSError(f"The code cache entry {path} vanished while it was being built; is {cache_dir()} shared?")
 
 
-def _use(path: str) -> bool:
+def publish(tmp: str, path: str) -> None:
+    """Make the finished file ``tmp`` (in the cache directory) the entry ``path`` unless another
+    process made it first (its copy wins: same key, same content); in use by this process."""
+    with contextlib.suppress(FileExistsError):
+        os.link(tmp, path)  # atomic, and never over an existing entry
+    if use(path):
+        evict(os.path.dirname(path), code_cache_limit_mb() * 2**20)
+
+
+def use(path: str) -> bool:
     """Take a shared lock on the entry at ``path`` for this process's lifetime and mark it as
     recently used; False when there is no such entry (any more)."""
     if path in _held:

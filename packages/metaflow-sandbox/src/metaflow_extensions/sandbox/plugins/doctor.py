@@ -43,11 +43,17 @@ def metaflow_findings(datastore_type: str | None = None) -> list[Finding]:
         from metaflow.metaflow_config import DEFAULT_DATASTORE
 
         datastore_type = str(DEFAULT_DATASTORE)
+    from .datastores import REMOTE_SUPPORTED
+
     if datastore_type == "local":
-        findings.append(Finding("metaflow: datastore", "ok", "local (the datastore @sandbox supports)"))
+        findings.append(Finding("metaflow: datastore", "ok", "local (the launcher relays each task's data)"))
+    elif datastore_type in REMOTE_SUPPORTED:
+        detail = f"{datastore_type} (sandboxed tasks read and write it themselves: the direct data path)"
+        findings.append(Finding("metaflow: datastore", "ok", detail))
     else:
-        fix = "run with --datastore=local, or export METAFLOW_DEFAULT_DATASTORE=local"
-        detail = f"{datastore_type}: @sandbox supports only the local datastore for now"
+        supported = ", ".join(("local", *REMOTE_SUPPORTED))
+        fix = "run with --datastore=local or --datastore=s3, or set METAFLOW_DEFAULT_DATASTORE to one of them"
+        detail = f"{datastore_type}: @sandbox supports {supported}"
         findings.append(Finding("metaflow: datastore", "fail", detail, fix))
     return findings
 

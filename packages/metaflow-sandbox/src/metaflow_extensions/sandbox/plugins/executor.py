@@ -32,7 +32,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import direct, kills, service_relay, staging
+from . import direct, environments, kills, service_relay, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
@@ -48,7 +48,7 @@ PHASES = {
     "create": ("create",),
     "stage": ("build_inputs", "upload"),
     "run": ("task",),
-    "merge": ("download", "merge", "sync_metadata", "replay_metadata"),
+    "merge": ("download", "merge", "sync_metadata", "replay_metadata", "keep_environment"),
 }
 ISOLATION_NAMES = {"bwrap": "bubblewrap"}  # a backend's ``isolation`` attribute, as users know it
 
@@ -113,6 +113,7 @@ class SandboxTask:
         sbx.upload(inbound, staging.IN_ARCHIVE)
         if req.secret_env:
             sbx.upload(write_secrets(req.secret_env, os.path.dirname(inbound)), SECRETS_FILE)
+        reused = environments.upload_built(sbx, req.environment_cache)
         self._timed("upload", start)
 
         start = time.monotonic()
@@ -122,7 +123,7 @@ class SandboxTask:
         try:
             with service_relay.heartbeat(req.service_url, req.service_headers, req.location, say):
                 result = sbx.run(
-                    script(req),
+                    script(req, environment_reused=reused),
                     env=env,
                     timeout_s=req.hard_limit_s,
                     on_stdout=self.logs.sink("stdout"),
@@ -142,6 +143,10 @@ class SandboxTask:
             self.timings[f"task.{name}"] = (after - before) / 1e9
         if self.logs.setup_error:
             raise SandboxError(f"Sandbox {sbx.id}: {self.logs.setup_error}.", sandbox_id=sbx.id)
+        if req.environment_cache and not reused and result.exit_code == 0:
+            start = time.monotonic()
+            environments.keep_built(sbx, req.environment_cache)
+            self._timed("keep_environment", start)
         if req.data_path == "direct":
             return self._finish_direct(result.exit_code)
 

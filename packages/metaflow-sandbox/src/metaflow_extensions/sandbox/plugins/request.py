@@ -63,6 +63,10 @@ class TaskRequest:
     # Metadata service on the relay path: the launcher heartbeats and replays (headers are secrets).
     service_url: str = ""
     service_headers: Mapping[str, str] = field(default_factory=dict)
+    # An environment the bootstrap builds in the code directory (``environments``): its type
+    # (``uv``) and its entry in the code cache, reused by the run's later tasks.
+    environment: str = ""
+    environment_cache: str = ""
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:

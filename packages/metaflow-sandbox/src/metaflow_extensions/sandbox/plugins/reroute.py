@@ -27,7 +27,7 @@ from metaflow import util
 
 from metaflow_extensions.sandbox.core import Resources, backend_class
 
-from . import code_cache, compat, kills, preflight, staging
+from . import code_cache, compat, environments, kills, preflight, staging
 from .metadata import task_labels
 from .request import TaskRequest, save_request
 
@@ -89,6 +89,15 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     attrs = deco.attributes
     bootstrap = deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE)
     code_tar, code_dir, package, extract, extract_env = _code(deco, writable=bool(bootstrap))
+    environment = str(getattr(deco.environment, "TYPE", ""))
+    env_cache = environments.cache_entry(
+        environment,
+        bootstrap,
+        package_digest=_digest(deco.package),
+        backend=attrs["backend"],
+        options=attrs["options"],
+        image=attrs["image"],
+    )
     metadata = options_metadata(cli_args)
     relayed = _service(cli_args, attrs, env, secret_env) if metadata == "service" else None
     return TaskRequest(
@@ -126,6 +135,8 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         runtime=kills.process_identity(os.getpid()),
         service_url=relayed.url if relayed else "",
         service_headers=relayed.headers if relayed else {},
+        environment=environment if env_cache else "",
+        environment_cache=env_cache,
     )
 
 
@@ -223,13 +234,19 @@ def _code(deco: Any, *, writable: bool) -> tuple[str | None, str, str, list[str]
 
 
 @functools.cache  # once per run: the runtime asks for every task
+def _digest(package: Any) -> str:
+    """The code package's content address (a cache key, as the datastore's own)."""
+    return hashlib.sha1(compat.package_blob(package)).hexdigest()
+
+
+@functools.cache  # once per run: the runtime asks for every task
 def _package_files(package: Any, bytecode: bool, share: bool) -> tuple[str | None, str, str, list[str], dict[str, str]]:
     """A tarball package is unpacked once per package on this machine: into a directory every
     sandbox mounts read-only (``share``: the backend shares this machine's directories), else into
     an archive the sandbox extracts in the same pass as the inputs; other formats travel as they
     are. The cache entry stays in use (never evicted) while this runtime lives."""
     blob = compat.package_blob(package)
-    digest = hashlib.sha1(blob).hexdigest()  # a cache key: the datastore's own content address
+    digest = _digest(package)
     pkg_metadata = compat.package_metadata(package)
     extract, extract_env = compat.extract_commands(pkg_metadata, "job.tar")
     cache = code_cache.cache_dir()

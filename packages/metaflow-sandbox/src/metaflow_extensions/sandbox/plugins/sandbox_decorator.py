@@ -179,6 +179,13 @@ class SandboxDecorator(StepDecorator):
             raise SandboxException(
                 f"Step *{step}* has both @{self.name} and @{others[0]}: a step runs in one place. Remove one of them."
             )
+        from .environments import refusal
+
+        # Before the datastore's checks: no bucket needs to answer for this to be refused.
+        network = _is_true(self.attributes["network"]) is not False  # a bad value is refused later
+        refused = refusal(str(getattr(self.environment, "TYPE", "")), decos, flow_datastore.TYPE, network)
+        if refused:
+            raise SandboxException(f"@{self.name} on step *{step}*: {refused}")
         self._check_datastore(step, flow_datastore, logger)
 
     def _check_datastore(self, step: str, flow_datastore: Any, logger: Any) -> None:
@@ -256,12 +263,19 @@ class SandboxDecorator(StepDecorator):
         warnings are said here, once for the run (the launchers stay quiet)."""
         if os.environ.get(SANDBOX_ID_ENV) is not None or not any(a in STARTS_TASKS for a in sys.argv[1:]):
             return
-        from metaflow_extensions.sandbox.core import SandboxError
+        from metaflow_extensions.sandbox.core import SandboxError, backend_class
 
         from .preflight import check_backend
 
+        backend, image = self.attributes["backend"], self.attributes["image"]
         try:
-            news = check_backend(self.attributes["backend"], self.attributes["options"])
+            if image is not None and not backend_class(backend).runs_images:
+                raise SandboxException(
+                    f"@{self.name} on step *{step}*: the {backend} backend runs no images (image={image!r}); "
+                    "its sandboxes use this machine's system and the Python you launch the flow with. "
+                    "Remove image=, or choose a backend that runs images, e.g. @sandbox(backend='daytona', image=...)."
+                )
+            news = check_backend(backend, self.attributes["options"])
         except SandboxError as e:
             raise SandboxException(f"@{self.name} on step *{step}*: {e}") from e
         for message in news:

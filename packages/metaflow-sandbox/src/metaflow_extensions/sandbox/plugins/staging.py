@@ -329,13 +329,22 @@ def unpack_command(archive: str = IN_ARCHIVE, *, inline_code: bool = False) -> s
     )
 
 
-def pack_command(loc: TaskLocation, marker: str, archive: str = OUT_ARCHIVE) -> str:
-    """Shell: pack the task's outputs (its directory, blobs newer than ``marker``, its cards)."""
-    dirs = " ".join(shlex.quote(d) for d in (loc.task_dir, loc.card_dir) if d)
-    blob_dir = shlex.quote(loc.blob_dir)
+def pack_command(loc: TaskLocation, marker: str, attempt: int, archive: str = OUT_ARCHIVE) -> str:
+    """Shell: pack the outputs of the task's ``attempt`` (its directory's files but other attempts'
+    numbered ones, blobs newer than ``marker``, its cards).
+
+    A backend without a private root (the local backend's process mode) shares the launcher's
+    datastore, where the task directory also holds earlier attempts' files (the runtime's
+    ``0.runtime_stdout.log`` of a killed attempt): they are not this attempt's outputs, and
+    ``merge_outputs`` would refuse them. Filtered by name, as the merge checks them (no clock).
+    """
+    task_dir, blob_dir = shlex.quote(loc.task_dir), shlex.quote(loc.blob_dir)
+    cards = f'd={shlex.quote(loc.card_dir)}; [ -d "$d" ] && find "$d" -type f; ' if loc.card_dir else ""
     list_file = f"{archive}.list"
+    numbered = "[0-9]+[._]"  # a file of some attempt, by its base name (``_ATTEMPT_FILE``)
     return (
-        f'{{ for d in {dirs}; do [ -d "$d" ] && find "$d" -type f; done; '
+        f"{{ if [ -d {task_dir} ]; then find {task_dir} -type f | grep -Ev '/{numbered}[^/]*$'; "
+        f"find {task_dir} -type f \\( -name '{attempt}.*' -o -name '{attempt}_*' \\); fi; {cards}"
         f"[ -d {blob_dir} ] && find {blob_dir} -type f -newer {marker}; }} | sed 's|^/||' > {list_file}; "
         f"tar -c -f {archive} -C / -T {list_file}"
     )

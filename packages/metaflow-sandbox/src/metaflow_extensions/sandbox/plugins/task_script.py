@@ -1,7 +1,8 @@
 """The one bash script a sandbox runs for a task: unpack the inputs and code, set up the datastore,
 run ``flow.py step``, pack the outputs, exit with the task's code.
 
-Layer: plugins (used by ``executor``). Imports: ``plugins.staging``, ``plugins.request`` and the
+Layer: plugins (used by ``executor``). Imports: ``plugins.staging``, ``plugins.environments``,
+``plugins.request`` and the
 standard library — never metaflow.
 """
 
@@ -11,7 +12,7 @@ import os
 import shlex
 from collections.abc import Mapping
 
-from . import staging
+from . import environments, staging
 from .request import TaskRequest
 
 SETUP_FAILED = "__MFSBX_SETUP_FAILED__"
@@ -22,8 +23,10 @@ MARKER = "mfsbx/marker"
 SECRETS_FILE = "mfsbx/secrets.env"  # credentials, sourced then deleted before the task starts
 
 
-def script(req: TaskRequest) -> str:
-    """The one bash command run in the sandbox: unpack, run the task, pack outputs, exit with the task's code."""
+def script(req: TaskRequest, *, environment_reused: bool = False) -> str:
+    """The one bash command run in the sandbox: unpack, run the task, pack outputs, exit with the
+    task's code. ``environment_reused``: the environment an earlier task built was uploaded
+    (``environments``); else a task that builds one packs it for the launcher."""
 
     def fail(what: str) -> str:
         return f'{{ echo "{SETUP_FAILED} {what}" >&2; exit 97; }}'
@@ -38,6 +41,8 @@ def script(req: TaskRequest) -> str:
         else f"mkdir -p code && cd code && {{ {extract.replace('job.tar', '../' + staging.PACKAGE_MEMBER)}; }} "
         f"|| {fail('unpacking the code package failed')}"
     )
+    dirs = environments.BUILT_DIRS.get(req.environment, ())
+    unpack_env, pack_env = environments.shell(req.environment_cache, environment_reused, dirs)
     return "\n".join(
         [
             f'mark() {{ [ -n "${{{TIMINGS_ENV}:-}}" ] && echo "{MARK} $1 $(date +%s%N)" >&2; true; }}',
@@ -48,9 +53,15 @@ def script(req: TaskRequest) -> str:
             f"{_datastore_setup(req)} && {exports}touch ../{MARKER}",
             f'echo "{CODE_DIR} $PWD" >&2',
             "mark unpack_code",
+            *(
+                [f"{unpack_env} || {fail('unpacking the environment an earlier task built failed')}"]
+                if unpack_env
+                else []
+            ),
             f"( {req.step_command} )",
             "c=$?",
             "mark step",
+            *([pack_env] if pack_env else []),
             "cd ..",
             _pack_outputs(req),
             "mark pack_outputs",
@@ -94,4 +105,4 @@ def _pack_outputs(req: TaskRequest) -> str:
     """Shell run after the task: on the relay path, pack its outputs for the launcher."""
     if req.data_path == "direct":
         return "true"  # the task wrote its outputs to the datastore itself
-    return f"{staging.pack_command(req.location, MARKER)} || echo 'packing the task outputs failed' >&2"
+    return f"{staging.pack_command(req.location, MARKER, req.attempt)} || echo 'packing the task outputs failed' >&2"

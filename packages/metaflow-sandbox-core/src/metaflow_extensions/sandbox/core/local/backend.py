@@ -117,17 +117,28 @@ class LocalSandbox(Sandbox):
                 self._procs.add(proc)
             (pids / str(proc.pid)).touch()
 
+        gone = f"Sandbox {self.id} was destroyed while a command ran."
+        # No raise in a `finally`: a signal handler's SystemExit (raised after it destroyed every
+        # live sandbox) must reach the caller as it is, with its 128 + N, not become this error.
         try:
-            return stream_process(
+            code = stream_process(
                 [*self._prefix, *argv], cwd=self._workdir, env={**self._env, **env}, on_start=track, **kwargs
             )
+        except Exception as e:
+            if self._gone():
+                raise SandboxUnavailable(gone, sandbox_id=self.id) from e
+            raise
         finally:
             with self._procs_lock:
                 for proc in [p for p in self._procs if p.returncode is not None]:
                     self._procs.discard(proc)
                     (pids / str(proc.pid)).unlink(missing_ok=True)
-            if self.destroyed or not self.directory.exists():
-                raise SandboxUnavailable(f"Sandbox {self.id} was destroyed while a command ran.", sandbox_id=self.id)
+        if self._gone():
+            raise SandboxUnavailable(gone, sandbox_id=self.id)
+        return code
+
+    def _gone(self) -> bool:
+        return self.destroyed or not self.directory.exists()
 
     def _run(
         self,
@@ -138,30 +149,15 @@ class LocalSandbox(Sandbox):
         on_stdout: Callable[[str], None],
         on_stderr: Callable[[str], None],
     ) -> int:
-        out: list[str] = []
-        err: list[str] = []
-
-        def tee(sink: Callable[[str], None], keep: list[str]) -> Callable[[str], None]:
-            def both(chunk: str) -> None:
-                keep.append(chunk)
-                sink(chunk)
-
-            return both
-
         try:
             code = self._exec(
-                ["bash", "-c", command],
-                env,
-                on_stdout=tee(on_stdout, out),
-                on_stderr=tee(on_stderr, err),
-                timeout_s=timeout_s,
+                ["bash", "-c", command], env, on_stdout=on_stdout, on_stderr=on_stderr, timeout_s=timeout_s
             )
         except Stopped:
+            # The output so far is the base class's to attach (``Sandbox.run``).
             raise CommandTimeout(
                 f"Command timed out after {timeout_s} s in sandbox {self.id}; its processes were killed.",
                 timeout_s=timeout_s or 0.0,
-                stdout="".join(out),
-                stderr="".join(err),
                 sandbox_id=self.id,
             ) from None
         # Like a shell: a command killed by signal N exits 128 + N.
@@ -298,6 +294,7 @@ class LocalBackend(SandboxBackend):
     name = "local"
     runs_launcher_python = True
     shares_host_dirs = True
+    runs_images = False
     options = (
         Option("isolation", default="auto", choices=ISOLATION_MODES, help=_ISOLATION_HELP),
         Option("root", help="where sandboxes live; default `$TMPDIR/metaflow-sandbox-local-<uid>`"),
