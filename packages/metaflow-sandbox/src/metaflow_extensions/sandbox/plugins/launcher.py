@@ -148,8 +148,10 @@ def relay(conn: socket.socket, request_file: str, runtime: str) -> int:
     try:
         socket.send_fds(conn, [hello.encode()], [sys.stdout.fileno(), sys.stderr.fileno()])
         started = answers.readline()
-    except OSError as e:
-        raise ServiceError(f"the run's sandbox service did not answer within {ANSWER_TIMEOUT_S:g} s ({e})") from e
+    except TimeoutError as e:
+        raise ServiceError(f"the run's sandbox service did not answer within {ANSWER_TIMEOUT_S:g} s") from e
+    except OSError:
+        started = b""  # it went away meanwhile
     if not started.startswith(b"started "):
         raise ServiceError("the run's sandbox service closed the connection before starting the task")
     conn.settimeout(None)
