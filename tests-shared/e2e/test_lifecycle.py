@@ -276,17 +276,16 @@ def test_one_service_serves_a_runs_tasks_a_killed_one_fails_its_task_retryably_a
         services = _services(proc.pid)
         if flowdir.backend == "local":  # its attempts run in the launcher (docs/architecture.md)
             assert services == []
-        else:
-            # Services live as long as their runtime: one now means `start` and `work` used the same.
-            assert len(services) == 1, services
-            os.kill(services[0], signal.SIGKILL)
+            return  # the sleeping attempt is killed with the run's process group
+        # Services live as long as their runtime: one now means `start` and `work` used the same.
+        assert len(services) == 1, services
+        os.kill(services[0], signal.SIGKILL)
         rest, _ = proc.communicate(timeout=600)  # the retry (no sleep on attempt 1) finishes the run
         lines.append(rest)
     out = "".join(lines)
     assert proc.returncode == 0, out
-    if flowdir.backend != "local":
-        assert "The run's sandbox service ended while this task ran" in out, out
-        assert "(retry)" in out, out  # attempt 1 started a new service
+    assert "The run's sandbox service ended while this task ran" in out, out
+    assert "(retry)" in out, out  # attempt 1 started a new service
     start = time.monotonic()
     while _services(proc.pid):
         if time.monotonic() - start > GONE_WITHIN_S:
