@@ -143,18 +143,10 @@ def test_sandboxes_of_a_killed_launcher_are_listed_and_killed_by_run_id(flowdir,
         assert not _sandboxed_processes(run_id), "the killed launcher's task runs on"
     assert proc.returncode == 0, "".join(lines)
     listed = flowdir.run("failing_flow.py", "sandbox", "list", "--run-id", run_id)
-    if flowdir.backend == "local":
-        # Its processes died with the launcher (bubblewrap's --die-with-parent, or the process
-        # mode's supervisor); listing reaped the directory it left.
-        assert "No live sandboxes" in listed.stdout + listed.stderr
-    elif f"{run_id}/work/2 attempt 0" in listed.stdout + listed.stderr:
-        # A provider's sandbox lives on without its launcher, until its lease ends.
-        killed = flowdir.run("failing_flow.py", "sandbox", "kill", "--run-id", run_id)
-        out = killed.stdout + killed.stderr
-        # E2B's emulator ends sandboxes after 10 s: that end may fall between the list and the kill.
-        assert "Destroyed" in out or (flowdir.backend == "e2b" and "No live sandboxes" in out), out
-    else:  # only where the lease is shorter than the run's end (E2B's emulator here: 10 s)
-        assert flowdir.backend == "e2b", listed.stdout + listed.stderr
+    # Its processes died with the launcher (bubblewrap's --die-with-parent, or the process mode's
+    # supervisor; listing reaped the directory it left); a provider's sandbox was destroyed by the
+    # attempt's process in the run's sandbox service when the launcher's connection closed.
+    assert "No live sandboxes" in listed.stdout + listed.stderr
     assert flowdir.live_sandboxes("failing_flow.py") == []
 
 
@@ -261,3 +253,48 @@ def test_a_stalled_log_stream_does_not_hang_the_run(flowdir, daytona):
     flowdir.outputs.append(out)
     run = flowdir.inspect("LongFlow")
     assert run["successful"] and task(run, "start")["artifacts"]["attempt"] == 0, out
+
+
+def _services(runtime: int) -> list[int]:
+    """The sandbox service processes of the runtime ``runtime`` (not the attempts they fork)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"metaflow_extensions.sandbox.plugins.runservice" not in args:
+                continue
+            if not Path(
+                args[args.index(b"metaflow_extensions.sandbox.plugins.runservice") + 1].decode()
+            ).name.startswith(f"{runtime}-"):
+                continue
+            parent = int(Path(cmdline.parent, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"plugins.runservice" not in Path(f"/proc/{parent}/cmdline").read_bytes() and _alive(
+                int(cmdline.parent.name)
+            ):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_one_service_serves_a_runs_tasks_a_killed_one_fails_its_task_retryably_and_none_outlives_the_run(
+    flowdir,
+):
+    with _sleeping_run(flowdir) as (proc, lines):
+        services = _services(proc.pid)
+        if flowdir.backend == "local":  # its attempts run in the launcher (docs/architecture.md)
+            assert services == []
+            return  # the sleeping attempt is killed with the run's process group
+        # Services live as long as their runtime: one now means `start` and `work` used the same.
+        assert len(services) == 1, services
+        os.kill(services[0], signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=600)  # the retry (no sleep on attempt 1) finishes the run
+        lines.append(rest)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert "The run's sandbox service ended while this task ran" in out, out
+    assert "(retry)" in out, out  # attempt 1 started a new service
+    start = time.monotonic()
+    while _services(proc.pid):
+        if time.monotonic() - start > GONE_WITHIN_S:
+            pytest.fail(f"{GONE_WITHIN_S} s after the run, its sandbox services still run")
+        time.sleep(0.2)
+    assert flowdir.live_sandboxes("failing_flow.py") == []

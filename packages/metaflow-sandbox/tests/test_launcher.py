@@ -8,17 +8,23 @@ log format with its own parser), plugins.
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from metaflow.mflog import mflog
 
-from metaflow_extensions.sandbox.plugins import kills, logs, request, staging
+from metaflow_extensions.sandbox.plugins import kills, launcher, logs, request, staging
 
 
 def test_the_launcher_does_not_import_metaflow():
@@ -154,3 +160,54 @@ def test_a_signal_ends_the_launcher_like_a_killed_process(tmp_path: Path, monkey
         assert not list(sandboxes.glob("sbx-*")), "the sandbox is destroyed"
     finally:
         launcher.kill()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A ``$TMPDIR`` short enough for a Unix socket path (pytest's ``tmp_path`` can be too long)."""
+    folder = tempfile.mkdtemp(prefix="mfsbx-", dir="/tmp")
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _service_request(tmp_path: Path, short_tmp: Path, monkeypatch) -> Path:
+    """A request for a provider backend with a live runtime (this process), so the launcher goes to
+    the run's service; ``$TMPDIR`` (where its socket lives) is ``short_tmp``."""
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # this process's socket_path sees it too
+    _, request_file = saved_request(tmp_path, "true", runtime=kills.process_identity(os.getpid()))
+    fields = json.loads(request_file.read_text())
+    fields["backend"] = "daytona"
+    request_file.write_text(json.dumps(fields))
+    return request_file
+
+
+def test_a_service_that_closes_without_starting_the_task_fails_it_retryably(tmp_path: Path, short_tmp, monkeypatch):
+    request_file = _service_request(tmp_path, short_tmp, monkeypatch)
+    path = launcher.socket_path(kills.process_identity(os.getpid()), "daytona", {})
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700, "the socket's folder is private"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dying:
+        dying.bind(path)
+        dying.listen()
+
+        def close_the_first() -> None:
+            conn, _ = dying.accept()
+            conn.close()
+
+        closer = threading.Thread(target=close_the_first)
+        closer.start()
+        done = subprocess.run([*LAUNCHER, str(request_file)], capture_output=True, text=True, check=False)
+        closer.join()
+    assert done.returncode == 1, done.stderr
+    assert "closed the connection before starting the task" in done.stderr and "use @retry" in done.stderr
+    assert not request_file.exists(), "the request (which may hold env values) is removed"
+
+
+def test_a_service_folder_others_can_enter_is_refused(tmp_path: Path, short_tmp, monkeypatch):
+    request_file = _service_request(tmp_path, short_tmp, monkeypatch)
+    folder = short_tmp / f"metaflow-sandbox-service-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)  # another user's, made first in a shared /tmp
+    done = subprocess.run([*LAUNCHER, str(request_file)], capture_output=True, text=True, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "is not a folder private to this user" in done.stderr, done.stderr

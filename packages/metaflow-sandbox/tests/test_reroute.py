@@ -59,12 +59,12 @@ def test_request_files_are_private_and_none_outlives_its_runtime(tmp_path, monke
     import stat
 
     from metaflow_extensions.sandbox.core import Resources
-    from metaflow_extensions.sandbox.plugins import request
+    from metaflow_extensions.sandbox.plugins import kills, request
     from metaflow_extensions.sandbox.plugins.request import TaskRequest
     from metaflow_extensions.sandbox.plugins.staging import TaskLocation
 
     monkeypatch.setattr(request.tempfile, "gettempdir", lambda: str(tmp_path))
-    request._sweep_dead_owners.cache_clear()
+    kills.sweep_dead_owners.cache_clear()
     folder = Path(request._requests_dir())
     folder.mkdir(mode=0o700)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

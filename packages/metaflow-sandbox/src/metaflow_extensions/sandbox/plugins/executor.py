@@ -14,18 +14,22 @@ destroyed the sandbox on purpose (``kills``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import tarfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from metaflow_extensions.sandbox.core import (
     CommandTimeout,
     ConfigurationError,
     ImageError,
     Sandbox,
+    SandboxBackend,
     SandboxError,
     SandboxFileNotFound,
     SandboxSpec,
@@ -53,6 +57,27 @@ PHASES = {
 ISOLATION_NAMES = {"bwrap": "bubblewrap"}  # a backend's ``isolation`` attribute, as users know it
 
 
+# Backends made ahead of the attempts that use them (``runservice``): its SDK imported and its client
+# set up once per run instead of once per task.
+_ready: dict[str, SandboxBackend] = {}
+
+
+def _backend_key(name: str, options: Mapping[str, Any]) -> str:
+    return json.dumps([name, sorted(options.items())], default=str)
+
+
+def prepare_backend(name: str, options: Mapping[str, Any]) -> None:
+    """Make the backend ``name`` with ``options`` now, for every later attempt of this process and
+    of the processes it forks. A configuration error is left for the attempt to report."""
+    with contextlib.suppress(SandboxError):
+        _ready[_backend_key(name, options)] = get_backend(name, **dict(options))
+
+
+def backend_for(name: str, options: Mapping[str, Any]) -> SandboxBackend:
+    """The prepared backend ``name`` with ``options``, or a new one."""
+    return _ready.get(_backend_key(name, options)) or get_backend(name, **dict(options))
+
+
 class SandboxTask:
     """One attempt of one task in one sandbox."""
 
@@ -71,7 +96,7 @@ class SandboxTask:
         """Create the sandbox; configuration problems raise ``SandboxError`` before anything runs."""
         req = self.req
         start = time.monotonic()
-        backend = get_backend(req.backend, **dict(req.backend_options))
+        backend = backend_for(req.backend, req.backend_options)
         # The local backend says how it isolates (bubblewrap or plain processes).
         isolation = getattr(backend, "isolation", None)
         if isinstance(isolation, str):

@@ -16,13 +16,19 @@ the sandbox and exits.
 user can read) before destroying it; a launcher whose sandbox vanishes under its task looks for
 the mark and ends the attempt as killed (no ``@retry``) instead of as an infrastructure failure.
 Marks are per machine: a kill from another machine is seen as the sandbox dying.
+
+*What a dead process left.* Request files, scratch directories and service sockets live in
+folders only this user can enter (``private_dir``), named after the process they belong to, so
+that what a process killed with SIGKILL left is swept by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -115,3 +121,24 @@ def was_killed(backend: str, sandbox_id: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def private_dir(folder: str) -> str:
+    """``folder``, made private to this user, without what dead processes left in it."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    sweep_dead_owners(folder)
+    return folder
+
+
+@functools.cache  # once per process and folder
+def sweep_dead_owners(folder: str) -> None:
+    """Remove the entries ``<pid>-...`` of ``folder`` whose process is gone."""
+    for name in os.listdir(folder):
+        owner = name.split("-", 1)[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any
 from metaflow_extensions.sandbox.core import Resources
 
 from . import staging
+from .kills import private_dir
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def save_request(req: TaskRequest) -> str:
     path. The launcher deletes it once read; what a launcher never read (it failed to start) is
     removed when the run ends (``forget_requests``) or, after a crash of the runtime, by the next
     runtime (files are named after the runtime's pid)."""
-    folder = _private_dir(_requests_dir())
+    folder = private_dir(_requests_dir())
     fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".json", dir=folder)  # mode 0600
     os.close(fd)
     req.save(path)
@@ -101,29 +100,8 @@ def scratch_dir() -> tempfile.TemporaryDirectory[str]:
     """The launcher's scratch directory (the inbound and outbound archives, the credentials file),
     private and named after the launcher's pid: removed when the task ends, and the one of a
     launcher killed with SIGKILL by the next launcher (as request files are)."""
-    folder = _private_dir(os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-scratch-{os.getuid()}"))
+    folder = private_dir(os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-scratch-{os.getuid()}"))
     return tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=folder)
-
-
-def _private_dir(folder: str) -> str:
-    """``folder``, made private to this user, without what dead processes left in it."""
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    _sweep_dead_owners(folder)
-    return folder
-
-
-@functools.cache  # once per process and folder
-def _sweep_dead_owners(folder: str) -> None:
-    """Remove the entries ``<pid>-...`` of ``folder`` whose process is gone."""
-    for name in os.listdir(folder):
-        owner = name.split("-", 1)[0]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            path = os.path.join(folder, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
 
 
 def forget_requests() -> None:
