@@ -1,6 +1,7 @@
 """A flow for remote datastores: parameters, an IncludeFile, output on both streams, a card, a
-nested foreach + joins, a large artifact sized by @environment, a failure switched by the launcher's environment (for resume), and
-in every step a probe of the AWS credentials the step sees (never the secret itself).
+nested foreach + joins, a large artifact sized by @environment, a failure switched by the
+launcher's environment (for resume), and in every step a probe of the AWS credentials the step
+sees (never the secret itself).
 
 Layer: tests-shared/remote (a flow run by the remote-datastore tests). Imports: metaflow.
 """
