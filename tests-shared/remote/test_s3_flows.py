@@ -147,9 +147,9 @@ def test_relay_without_network_a_failed_run_resumed(s3dir):
     assert_card_get(s3dir, origin)
     assert "card-from-s3" in " ".join(task(failed, "start")["cards"])
     assert_no_credentials(failed)
-    # The failed attempt's files are on S3, but never its DONE marker.
-    listing = s3dir.run("inspect_s3.py", "S3Flow", origin, "check")
-    assert "0.data.json" in listing.stdout and "DONE.lock" not in listing.stdout
+    # The failed attempt is on S3 as Metaflow records one (its data, then DONE: the attempt ended).
+    listing = s3dir.run("inspect_s3.py", "S3Flow", origin, "check").stdout.split()
+    assert {"0.data.json", "0.DONE.lock", "0.task_stderr.log"} <= {name.split("/")[-1] for name in listing}
 
     proc = s3dir.run("s3_flow.py", "--with", "sandbox:network=False", "resume", "--origin-run-id", origin)
     assert "data path relay)" in proc.stdout + proc.stderr

@@ -94,3 +94,28 @@ def test_metadata_records_name_the_remote_datastore(req):
         {"field_name": "ds-type", "value": "s3"}, {"field": "ds-root", "value": "s3://b/p"}, {"field": "attempt"}
     ]  # fmt: skip
     assert remote != "s3://b/p"
+
+
+def test_done_is_pushed_last_and_a_failed_push_leaves_no_done(req, monkeypatch):
+    write_task(req.location.root, "b", "9", {"y": 1})
+    written = [p for p in files_under(req.location.root) if "/b/9/" in p or "/data/" in p]
+    saved: list[str] = []
+
+    class Recording(LocalStorage):
+        def save_bytes(self, path_and_bytes_iter, overwrite=False, len_hint=0):
+            items = list(path_and_bytes_iter)
+            saved.extend(path for path, _ in items)
+            if fail and items[-1][0].endswith("data.json"):
+                raise OSError("the store went away")
+            return super().save_bytes(iter(items), overwrite=overwrite, len_hint=len_hint)
+
+    monkeypatch.setattr(relay, "_storage", lambda datastore, root: Recording(root))
+    fail = False
+    relay.push_outputs(req, written)
+    assert saved[-1].endswith("0.DONE.lock") and sum(p.endswith("DONE.lock") for p in saved) == 1
+    fail, saved[:] = True, []
+    done = Path(req.remote_root, "F", "5", "b", "9", "0.DONE.lock")
+    done.unlink()
+    with pytest.raises(relay.RelayError, match="Could not save the task's outputs.*the store went away"):
+        relay.push_outputs(req, written)
+    assert not done.exists()

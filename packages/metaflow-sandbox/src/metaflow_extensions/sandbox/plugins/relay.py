@@ -90,16 +90,11 @@ def fetch_inputs(req: TaskRequest) -> None:
     try:
         remote = _storage(req.datastore, req.remote_root)
         mirror = _storage("local", loc.root)
-        task_keys: list[str] = []
-        for pathspec in req.input_paths:
-            run_id, step, task_id = pathspec.split("/")[-3:]
-            prefix = f"{loc.flow}/{run_id}/{step}/{task_id}"
-            names = [os.path.basename(r.path.rstrip("/")) for r in remote.list_content([prefix]) if r.is_file]
-            done = [int(m.group(1)) for m in map(_DONE.match, names) if m]
-            if not done:
-                raise RelayError(f"The input task {pathspec} has no completed attempt in {req.remote_root}.")
-            attempt = max(done)
-            task_keys += [f"{prefix}/{attempt}.{suffix}" for suffix in ("attempt.json", "data.json", "DONE.lock")]
+        task_keys = [
+            f"{prefix}/{attempt}.{suffix}"
+            for pathspec, prefix, attempt in _latest_done_attempts(req, remote)
+            for suffix in ("attempt.json", "data.json", "DONE.lock")
+        ]
         _copy(remote, mirror, task_keys, overwrite=True)
         blobs: set[str] = set()
         for key in task_keys:
@@ -113,6 +108,27 @@ def fetch_inputs(req: TaskRequest) -> None:
     except Exception as e:  # storage failures of any kind
         raise RelayError(f"Could not read the task's inputs from the {req.datastore} datastore: {e}") from e
     _copy_self_metadata(req)
+
+
+def _latest_done_attempts(req: TaskRequest, remote: Any) -> list[tuple[str, str, int]]:
+    """(input path, task prefix, its latest attempt with a DONE marker) of each parent. One
+    existence check of every possible marker rather than a listing per parent: Metaflow's S3
+    client lists in a subprocess per call, and a join has many parents."""
+    from metaflow.metaflow_config import MAX_ATTEMPTS
+
+    parents = []
+    for pathspec in req.input_paths:
+        run_id, step, task_id = pathspec.split("/")[-3:]
+        parents.append((pathspec, f"{req.location.flow}/{run_id}/{step}/{task_id}"))
+    markers = [f"{prefix}/{attempt}.DONE.lock" for _, prefix in parents for attempt in range(MAX_ATTEMPTS)]
+    exists = iter(remote.is_file(markers) if markers else [])
+    found = []
+    for pathspec, prefix in parents:
+        done = [attempt for attempt in range(MAX_ATTEMPTS) if next(exists)]
+        if not done:
+            raise RelayError(f"The input task {pathspec} has no completed attempt in {req.remote_root}.")
+        found.append((pathspec, prefix, max(done)))
+    return found
 
 
 def _copy_self_metadata(req: TaskRequest) -> None:
