@@ -116,6 +116,6 @@ def test_done_is_pushed_last_and_a_failed_push_leaves_no_done(req, monkeypatch):
     fail, saved[:] = True, []
     done = Path(req.remote_root, "F", "5", "b", "9", "0.DONE.lock")
     done.unlink()
-    with pytest.raises(relay.RelayError, match="Could not save the task's outputs.*the store went away"):
+    with pytest.raises(relay.RelayError, match=r"Could not save the task's outputs.*the store went away"):
         relay.push_outputs(req, written)
     assert not done.exists()
