@@ -20,7 +20,8 @@ client, retries, endpoint and blob metadata a plain run uses), never a second S3
   blobs its ``data.json`` names, and the run's ``_self.json`` files from the local metadata;
 - out, in this order: the new blobs (``overwrite=False``: a blob the datastore has is never
   uploaded again), the task's attempt files and its cards, and ``DONE.lock`` last, so an attempt
-  that fails half way is never visible as done.
+  whose push stops half way is never visible as done (a task that raised is recorded as Metaflow
+  records one: its data, then DONE, with ``_task_ok`` False).
 """
 
 from __future__ import annotations
