@@ -45,6 +45,9 @@ _DONE = re.compile(r"^(\d+)\.DONE\.lock$")
 _ROOT_TAG = ":root:"  # an artifact's ``location`` in the metadata: ``:root:<datastore root>``
 META_DIR = "_meta"
 DATA_DIR = "data"
+# ``S3Storage`` moves up to 10 keys per call in this process and more through a pool of ``s3op``
+# subprocesses, whose start-up (seconds on a busy machine) dwarfs a task's few small artifacts.
+IN_PROCESS = 10
 BLOB_META = "_meta"  # LocalStorage keeps a blob's storage metadata in ``<blob>_meta``
 
 
@@ -68,10 +71,17 @@ def _storage(datastore: str, root: str) -> Any:
     return cls(root)
 
 
+def _chunks(keys: list[str]) -> list[list[str]]:
+    return [keys[i : i + IN_PROCESS] for i in range(0, len(keys), IN_PROCESS)]
+
+
 def _copy(source: Any, target: Any, keys: list[str], *, overwrite: bool) -> None:
     """Copy ``keys`` (paths relative to both roots) with their storage metadata, in order."""
-    if not keys:
-        return
+    for chunk in _chunks(keys):
+        _copy_chunk(source, target, chunk, overwrite=overwrite)
+
+
+def _copy_chunk(source: Any, target: Any, keys: list[str], *, overwrite: bool) -> None:
     with source.load_bytes(keys) as loaded:
 
         def contents() -> Iterable[tuple[str, Any]]:
@@ -122,7 +132,7 @@ def _latest_done_attempts(req: TaskRequest, remote: Any) -> list[tuple[str, str,
         run_id, step, task_id = pathspec.split("/")[-3:]
         parents.append((pathspec, f"{req.location.flow}/{run_id}/{step}/{task_id}"))
     markers = [f"{prefix}/{attempt}.DONE.lock" for _, prefix in parents for attempt in range(MAX_ATTEMPTS)]
-    exists = iter(remote.is_file(markers) if markers else [])
+    exists = iter([found for chunk in _chunks(markers) for found in remote.is_file(chunk)])
     found = []
     for pathspec, prefix in parents:
         done = [attempt for attempt in range(MAX_ATTEMPTS) if next(exists)]
