@@ -1,6 +1,6 @@
-"""Flows on an S3 datastore (moto) with every step in a sandbox, on the direct data path: read back
-through the Client API and ``flow.py logs``, compared with a plain run, and checked for the
-credentials each sandbox got.
+"""Flows on an S3 datastore (moto) with every step in a sandbox, on the direct and the relay data
+path: read back through the Client API and ``flow.py logs``, compared with a plain run, and checked
+for the credentials each sandbox got.
 
 Layer: tests-shared/remote. Imports: pytest, the standard library, ``sandbox_testing``.
 """
@@ -37,7 +37,15 @@ def assert_temporary_credentials(run: dict) -> None:
 def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     (s3dir.path / "input.txt").write_text("included-text")
     proc = s3dir.run(
-        "s3_flow.py", "--with", "sandbox", "run", "--alpha", "5", "--data", "input.txt", env={"BIG_MB": "48"}
+        "s3_flow.py",
+        "--with",
+        "sandbox:data_path=direct",
+        "run",
+        "--alpha",
+        "5",
+        "--data",
+        "input.txt",
+        env={"BIG_MB": "48"},
     )
     output = proc.stdout + proc.stderr
     assert "data path direct)" in output
@@ -49,8 +57,11 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
     assert start["stdout"] == "start says alpha=5\n" and "start warns" in start["stderr"]
     assert start["artifacts"]["data_text"] == "included-text"
     assert "card-from-s3" in " ".join(start["cards"])
-    assert sorted(t["artifacts"]["value"] for t in run["steps"]["fan"]) == [5, 15, 25]
-    assert task(run, "join")["artifacts"]["values"] == [5, 15, 25]
+    assert sorted(t["artifacts"]["value"] for t in run["steps"]["fan"]) == [5, 15]
+    assert task(run, "join")["artifacts"]["values"] == [5, 15]
+    assert task(run, "join")["artifacts"]["part_sums"] == [11, 31]  # the nested foreach
+    assert sorted(t["artifacts"]["part_value"] for t in run["steps"]["inner"]) == [5, 6, 15, 16]
+    assert_card_get(s3dir, run["id"])
     check = task(run, "check")
     assert check["artifacts"]["big_ok"] is True and check["artifacts"]["big_mb"] == 48
     assert_temporary_credentials(run)
@@ -73,7 +84,9 @@ def test_every_step_in_a_sandbox_on_s3_matches_a_plain_run(s3dir, backend_name):
 
 
 def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed_with_a_role(s3dir, s3):
-    first = s3dir.run("s3_flow.py", "--with", "sandbox:credentials=forward", "run", ok=False, env={"SBX_FAIL": "1"})
+    first = s3dir.run(
+        "s3_flow.py", "--with", "sandbox:credentials=forward,data_path=direct", "run", ok=False, env={"SBX_FAIL": "1"}
+    )
     origin = run_id_of(first.stdout + first.stderr)
     assert "with your own credentials, forwarded (credentials='forward')." in first.stdout + first.stderr
     assert "boom-s3-check" in first.stdout + first.stderr
@@ -85,7 +98,9 @@ def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed_with_a_role(s3dir, s3
 
     # Resumed with a role to assume: the sandboxes get its session.
     role = create_role(s3, f"mfsbx-{s3dir.path.name}"[:64])
-    proc = s3dir.run("s3_flow.py", "--with", "sandbox", "resume", "--origin-run-id", origin, env={ROLE_ARN: role})
+    proc = s3dir.run(
+        "s3_flow.py", "--with", "sandbox:data_path=direct", "resume", "--origin-run-id", origin, env={ROLE_ARN: role}
+    )
     assert f"with assumed role {role}, limited to the flow's prefixes." in proc.stdout + proc.stderr
     resumed = s3dir.inspect("S3Flow")
     assert resumed["successful"] and resumed["id"] != origin
@@ -95,4 +110,55 @@ def test_forwarded_keys_on_opt_in_and_a_failed_run_resumed_with_a_role(s3dir, s3
     for step in ("check", "end"):  # run again, with the role's temporary credentials
         creds = task(resumed, step)["artifacts"]["creds"]
         assert creds["session_token"] and creds["secret_sha"] != STATIC_SHA
+    assert s3dir.live_sandboxes("s3_flow.py") == []
+
+
+def assert_card_get(fd, run_id: str) -> None:
+    """``card get`` reads the start step's card back from the card store, as after a plain run."""
+    proc = fd.run("s3_flow.py", "card", "get", f"{run_id}/start", "card.html")
+    assert (fd.path / "card.html").stat().st_size > 0, proc.stdout + proc.stderr
+
+
+def assert_no_credentials(run: dict) -> None:
+    """Every task ran in a sandbox that had no AWS credentials at all (the relay path)."""
+    empty = hashlib.sha256(b"").hexdigest()
+    for t in tasks(run):
+        creds = t["artifacts"]["creds"]
+        assert creds["in_sandbox"], t["pathspec"]
+        assert not creds["session_token"] and creds["secret_sha"] == empty, f"{t['pathspec']} got credentials"
+
+
+def test_relay_without_network_a_failed_run_resumed(s3dir):
+    """No network in the sandboxes: ``auto`` relays the data (said in each lifecycle line), no
+    credentials enter a sandbox, the failed attempt is not visible as done, and a resume (again
+    relayed) completes the run, reading the failed run's outputs from S3."""
+    first = s3dir.run(
+        "s3_flow.py", "--with", "sandbox:network=False", "run", "--alpha", "4", ok=False, env={"SBX_FAIL": "1"}
+    )
+    output = first.stdout + first.stderr
+    origin = run_id_of(output)
+    assert "data path relay)" in output and "data path direct" not in output
+    assert "relays sandboxed steps' data" in output
+    assert "boom-s3-check" in output
+    failed = s3dir.inspect("S3Flow", origin)
+    assert not failed["successful"]
+    assert task(failed, "join")["artifacts"]["values"] == [4, 14]
+    assert task(failed, "join")["artifacts"]["part_sums"] == [9, 29]  # the nested foreach
+    assert_card_get(s3dir, origin)
+    assert "card-from-s3" in " ".join(task(failed, "start")["cards"])
+    assert_no_credentials(failed)
+    # The failed attempt is on S3 as Metaflow records one (its data, then DONE: the attempt ended).
+    listing = s3dir.run("inspect_s3.py", "S3Flow", origin, "check").stdout.split()
+    assert {"0.data.json", "0.DONE.lock", "0.task_stderr.log"} <= {name.split("/")[-1] for name in listing}
+
+    proc = s3dir.run("s3_flow.py", "--with", "sandbox:network=False", "resume", "--origin-run-id", origin)
+    assert "data path relay)" in proc.stdout + proc.stderr
+    resumed = s3dir.inspect("S3Flow")
+    assert resumed["successful"] and resumed["id"] != origin
+    assert task(resumed, "large")["artifacts"]["big_sha"] == task(failed, "large")["artifacts"]["big_sha"]
+    assert task(resumed, "check")["artifacts"]["big_ok"] is True
+    for step in ("check", "end"):
+        assert task(resumed, step)["sandbox"]["sandbox-id"]
+    logs = s3dir.run("s3_flow.py", "logs", f"{origin}/start")
+    assert "start says alpha=4" in logs.stdout + logs.stderr
     assert s3dir.live_sandboxes("s3_flow.py") == []

@@ -25,7 +25,11 @@ CASES = {
     "missing-bucket": ([], {"METAFLOW_DATASTORE_SYSROOT_S3": "s3://mfsbx-no-such-bucket/x"}, "does not exist"),
     "unreachable-endpoint": ([], {"METAFLOW_S3_ENDPOINT_URL": "unreachable"}, "Cannot reach the S3 endpoint"),
     "missing-credentials": ([], NO_CREDENTIALS, "No AWS credentials found"),
-    "relay-on-s3": (["--with", "sandbox:data_path=relay"], {}, "data_path='relay' is not supported"),
+    "direct-without-network": (
+        ["--with", "sandbox:data_path=direct,network=False"],
+        {},
+        "data_path='direct' needs the sandbox's network",
+    ),
 }
 
 

@@ -24,16 +24,34 @@ WHERE = "@sandbox on step *start*"
 @pytest.mark.parametrize(
     ("datastore", "requested", "path"),
     [("local", None, "relay"), ("local", "auto", "relay"), ("local", "relay", "relay"), ("s3", "auto", "direct"),
-     ("s3", "DIRECT", "direct"), ("s3", None, "direct")],
+     ("s3", "DIRECT", "direct"), ("s3", None, "direct"), ("s3", "relay", "relay")],
 )  # fmt: skip
 def test_each_datastore_gets_its_data_path(datastore, requested, path):
     assert datastores.data_path(datastore, requested, WHERE) == path
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "backend", "network", "path"),
+    [
+        (None, "daytona", True, "direct"),  # AWS S3
+        (None, "local", False, "relay"),  # no network: only the launcher reaches the bucket
+        ("http://127.0.0.1:9000", "local", True, "direct"),  # a local sandbox shares the host's loopback
+        ("http://localhost:9000", "daytona", True, "relay"),  # a provider's sandbox cannot reach it
+        ("https://minio.example.com", "e2b", True, "direct"),
+        ("https://minio.example.com", "e2b", False, "relay"),
+    ],
+)
+def test_auto_relays_when_the_sandbox_cannot_reach_the_endpoint(monkeypatch, endpoint, backend, network, path):
+    from metaflow import metaflow_config
+
+    monkeypatch.setattr(metaflow_config, "S3_ENDPOINT_URL", endpoint)
+    assert datastores.data_path("s3", "auto", WHERE, backend=backend, network=network) == path
+
+
+@pytest.mark.parametrize(
     ("datastore", "requested", "message"),
     [
-        ("s3", "relay", "data_path='relay' is not supported with --datastore=s3 yet"),
+        ("s3", "direct", "data_path='direct' needs the sandbox's network"),
         ("local", "direct", "data_path='direct' needs a remote datastore"),
         ("azure", "auto", "--datastore=azure is not supported by sandboxed steps yet"),
         ("gs", "direct", "--datastore=gs is not supported by sandboxed steps yet"),
@@ -42,7 +60,7 @@ def test_each_datastore_gets_its_data_path(datastore, requested, path):
 )
 def test_unsupported_combinations_are_refused_naming_the_fix(datastore, requested, message):
     with pytest.raises(SandboxException, match=r"Use|Run with|must be") as error:
-        datastores.data_path(datastore, requested, WHERE)
+        datastores.data_path(datastore, requested, WHERE, network=False)
     assert message in str(error.value) and WHERE in str(error.value)
 
 

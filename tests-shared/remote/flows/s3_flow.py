@@ -1,6 +1,7 @@
-"""A flow for remote datastores: parameters, an IncludeFile, output on both streams, a card, foreach + join, a large
-artifact sized by @environment, a failure switched by the launcher's environment (for resume), and
-in every step a probe of the AWS credentials the step sees (never the secret itself).
+"""A flow for remote datastores: parameters, an IncludeFile, output on both streams, a card, a
+nested foreach + joins, a large artifact sized by @environment, a failure switched by the
+launcher's environment (for resume), and in every step a probe of the AWS credentials the step
+sees (never the secret itself).
 
 Layer: tests-shared/remote (a flow run by the remote-datastore tests). Imports: metaflow.
 """
@@ -40,7 +41,7 @@ class S3Flow(FlowSpec):
         self.data_text = self.data
         print(f"start says alpha={self.alpha}")
         print("start warns", file=sys.stderr)
-        self.items = list(range(3))
+        self.items = list(range(2))
         self.next(self.fan, foreach="items")
 
     @step
@@ -48,12 +49,27 @@ class S3Flow(FlowSpec):
         self.creds = probe()
         self.value = self.input * 10 + self.alpha
         print(f"fan value {self.value}")
+        self.parts = [0, 1]
+        self.next(self.inner, foreach="parts")
+
+    @step
+    def inner(self):
+        self.creds = probe()
+        self.part_value = self.value + self.input
+        self.next(self.inner_join)
+
+    @step
+    def inner_join(self, inputs):
+        self.creds = probe()
+        self.value = inputs[0].value
+        self.part_sum = sum(i.part_value for i in inputs)
         self.next(self.join)
 
     @step
     def join(self, inputs):
         self.creds = probe()
         self.values = sorted(i.value for i in inputs)
+        self.part_sums = sorted(i.part_sum for i in inputs)
         self.next(self.large)
 
     # Evaluated on the launcher when the flow is loaded: the size reaches the sandbox through it.

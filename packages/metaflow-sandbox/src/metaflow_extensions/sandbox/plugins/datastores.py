@@ -5,9 +5,9 @@ Layer: plugins (bottom of the integration: used by the decorator's ``step_init``
 both in the runtime process, never inside a sandbox). Imports: ``plugins.exceptions``, metaflow's
 configuration and boto3/botocore lazily (Metaflow's own S3 dependency; only S3 runs need them).
 
-Data paths: *relay* (the launcher moves the bytes: the local datastore, as before) and *direct*
-(the task in the sandbox reads and writes the datastore itself, as ``@batch`` does). In this
-increment a remote datastore (S3 or an S3-compatible endpoint) runs on the direct path only.
+Data paths: *relay* (the launcher moves the bytes: for a remote datastore through a local mirror,
+see ``relay``) and *direct* (the task in the sandbox reads and writes the datastore itself, as
+``@batch`` does); ``data_path`` chooses.
 
 Credentials for the direct path never are the user's long-lived keys unless the user opts in
 (``credentials="forward"``): with ``METAFLOW_SANDBOX_S3_ROLE_ARN`` the sandbox gets an assumed
@@ -40,9 +40,14 @@ CHECK_TIMEOUT_S = 5
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def data_path(datastore: str, requested: Any, where: str) -> str:
+def data_path(datastore: str, requested: Any, where: str, *, backend: str = "local", network: bool = True) -> str:
     """The data path a task on ``datastore`` uses (``requested`` is the decorator's ``data_path``),
-    or a SandboxException naming the fix (``where`` names the decorator and step)."""
+    or a SandboxException naming the fix (``where`` names the decorator and step).
+
+    ``auto`` on a remote datastore: relay when the sandbox cannot reach the endpoint (no network,
+    or a loopback endpoint seen from a backend other than ``local``, whose sandboxes share this
+    machine's loopback when the network is on), direct otherwise: the same rule as the metadata
+    service's (``service.metadata_path``)."""
     choice = str(requested or "auto").strip().lower()
     if choice not in DATA_PATHS:
         raise SandboxException(f"{where}: data_path={requested!r} must be one of {', '.join(DATA_PATHS)}.")
@@ -59,11 +64,20 @@ def data_path(datastore: str, requested: Any, where: str) -> str:
             f"{', '.join(REMOTE_SUPPORTED)}). Run with --datastore=local or --datastore=s3 (S3 or any "
             "S3-compatible store through METAFLOW_S3_ENDPOINT_URL)."
         )
-    if choice == "relay":
+    if choice == "direct" and not network:
         raise SandboxException(
-            f"{where}: data_path='relay' is not supported with --datastore={datastore} yet: the task in the "
-            "sandbox must reach the datastore itself. Use data_path='direct' (or 'auto')."
+            f"{where}: data_path='direct' needs the sandbox's network, but the step has network=False. Use "
+            "data_path='relay' (or 'auto'): the launcher then moves the task's data."
         )
+    if choice != "auto":
+        return choice
+    from metaflow import metaflow_config as config
+
+    from .service import is_loopback
+
+    endpoint = str(getattr(config, "S3_ENDPOINT_URL", None) or "")
+    if not network or (endpoint and is_loopback(endpoint) and backend != "local"):
+        return "relay"
     return "direct"
 
 
@@ -268,6 +282,14 @@ def check_s3(datastore_root: str, mode: str, flow: str, user: str) -> str:
     """Before the run: the bucket exists and is reachable with the run's credentials, and the
     sandboxes' credentials can be minted and used. Returns what those credentials are (for the
     user); raises a SandboxException naming the fix."""
+    check_bucket(datastore_root)
+    return _check_sandbox_credentials(s3_roots(datastore_root), mode, flow, user)
+
+
+@functools.cache  # once per run, for all steps
+def check_bucket(datastore_root: str) -> None:
+    """Before the run: the datastore's bucket exists and is reachable with the run's credentials
+    (the launcher's, which move the data on the relay path); a SandboxException naming the fix."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -300,7 +322,6 @@ def check_s3(datastore_root: str, mode: str, flow: str, user: str) -> str:
         ) from e
     except BotoCoreError as e:
         raise SandboxException(f"Cannot reach the S3 endpoint {where} ({e}). Check METAFLOW_S3_ENDPOINT_URL.") from e
-    return _check_sandbox_credentials(roots, mode, flow, user)
 
 
 def _check_sandbox_credentials(roots: S3Roots, mode: str, flow: str, user: str) -> str:

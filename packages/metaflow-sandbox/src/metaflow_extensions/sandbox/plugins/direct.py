@@ -131,25 +131,38 @@ def allowed_metadata(name: str, loc: TaskLocation) -> bool:
 def merge_local_metadata(tarball: bytes, metadata_root: str, loc: TaskLocation) -> list[str]:
     """Write the task's metadata files from ``tarball`` under ``metadata_root`` (see the module
     docstring for what is accepted); returns the paths written."""
-    written = []
+    members = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
             for member in tar:
-                if not member.isfile() or not allowed_metadata(member.name, loc):
-                    continue
-                relative = os.path.join(*Path(member.name).parts[1:])
-                path = os.path.join(metadata_root, relative)
-                if os.path.exists(path):
-                    continue  # written by the runtime or an earlier copy: the launcher's wins
-                source = tar.extractfile(member)
-                assert source is not None
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-                with os.fdopen(fd, "wb") as out:
-                    out.write(source.read())
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-                written.append(path)
+                if member.isfile() and allowed_metadata(member.name, loc):
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    members[member.name] = source.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DirectError(f"The task's local metadata is unreadable: {e}") from e
+    return write_local_metadata(members, metadata_root, loc)
+
+
+def write_local_metadata(members: dict[str, bytes], metadata_root: str, loc: TaskLocation) -> list[str]:
+    """Write each member (``.metaflow/<flow>/...`` -> bytes) this task may write (``allowed_metadata``)
+    under ``metadata_root``, atomically and never over an existing file; returns the paths written."""
+    written = []
+    try:
+        for name, data in members.items():
+            if not allowed_metadata(name, loc):
+                continue
+            relative = os.path.join(*Path(name).parts[1:])
+            path = os.path.join(metadata_root, relative)
+            if os.path.exists(path):
+                continue  # written by the runtime or an earlier copy: the launcher's wins
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            written.append(path)
+    except OSError as e:
+        raise DirectError(f"Could not write the task's local metadata: {e}") from e
     return written

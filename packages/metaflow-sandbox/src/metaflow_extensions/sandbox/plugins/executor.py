@@ -1,7 +1,7 @@
 """Runs one Metaflow task in a sandbox: create, stage in, run with live logs, stage out, destroy.
 
 Layer: plugins (middle: run by ``launcher``; uses ``task_script``, ``logs``, ``staging``,
-``direct`` and ``metadata``). Imports: the core API (``get_backend`` and the ABC; never a backend
+``direct``, ``relay`` and ``metadata``). Imports: the core API (``get_backend`` and the ABC; never a backend
 module by name) and the standard library — never metaflow, which the launcher process does not
 load (see ``launcher``).
 
@@ -36,7 +36,7 @@ from metaflow_extensions.sandbox.core import (
     get_backend,
 )
 
-from . import direct, environments, kills, service_relay, staging
+from . import direct, environments, kills, relay, service_relay, staging
 from .background import Background
 from .logs import TaskLogs, save_task_logs, say
 from .metadata import sandbox_env
@@ -52,7 +52,7 @@ PHASES = {
     "create": ("create",),
     "stage": ("build_inputs", "upload"),
     "run": ("task",),
-    "merge": ("download", "merge", "sync_metadata", "replay_metadata", "keep_environment"),
+    "merge": ("download", "merge", "push", "sync_metadata", "replay_metadata", "keep_environment"),
 }
 ISOLATION_NAMES = {"bwrap": "bubblewrap"}  # a backend's ``isolation`` attribute, as users know it
 
@@ -121,6 +121,8 @@ class SandboxTask:
         req = self.req
         files: list[str] = []
         known_blobs: set[str] = set()
+        if relay.is_remote_relay(req):  # the mirror of the remote datastore, filled first
+            relay.fetch_inputs(req)
         if req.data_path != "direct":  # direct: the task reads its inputs from the datastore
             files, known_blobs = staging.input_files(req.location, req.input_paths, req.extra_inputs)
         inbound = os.path.join(tmp, "in.tar")
@@ -174,9 +176,13 @@ class SandboxTask:
             self._timed("keep_environment", start)
         if req.data_path == "direct":
             return self._finish_direct(result.exit_code)
+        return self._finish_relay(sbx, os.path.join(os.path.dirname(inbound), "out.tar"), known_blobs, result.exit_code)
 
+    def _finish_relay(self, sbx: Sandbox, outbound: str, known_blobs: set[str], exit_code: int) -> int:
+        """Bring the task's outputs back into the datastore (and, from a remote one's mirror, push
+        them on) while the sandbox is destroyed."""
+        req = self.req
         start = time.monotonic()
-        outbound = os.path.join(os.path.dirname(inbound), "out.tar")
         try:
             sbx.download(staging.OUT_ARCHIVE, outbound)
         except SandboxFileNotFound as e:
@@ -186,12 +192,29 @@ class SandboxTask:
         # The sandbox is not needed any more: destroy it while the outputs are merged.
         destroying = Background(self.destroy)
         start = time.monotonic()
-        staging.merge_outputs(outbound, req.location, known_blobs, attempt=req.attempt)
+        written = staging.merge_outputs(outbound, req.location, known_blobs, attempt=req.attempt)
         self._timed("merge", start)
+        if relay.is_remote_relay(req):
+            start = time.monotonic()
+            try:
+                relay.push_outputs(req, written)
+                relay.local_metadata(req, written)
+            except direct.DirectError as e:  # without its data or metadata the task is not there
+                destroying.result()
+                raise SandboxError(str(e)) from e
+            self._timed("push", start)
         destroying.result()
         if req.service_url:
-            return self._replay(lambda: service_relay.meta_files_in_archive(outbound, req.location), result.exit_code)
-        return result.exit_code
+            return self._replay(lambda: self._archive_meta(outbound), exit_code)
+        return exit_code
+
+    def _archive_meta(self, outbound: str) -> dict[str, bytes]:
+        """The task's ``_meta`` files from the verified outbound archive (naming the remote
+        datastore on the relay path of a remote one)."""
+        files = service_relay.meta_files_in_archive(outbound, self.req.location)
+        if relay.is_remote_relay(self.req):
+            return {name: relay.rewrite_meta(data, self.req) for name, data in files.items()}
+        return files
 
     def _finish_direct(self, exit_code: int) -> int:
         """The task wrote its outputs to the datastore (DONE last, Metaflow's own rule): copy its
@@ -288,6 +311,8 @@ def execute(req: TaskRequest) -> int:
                 task.creating.wait(CREATE_GRACE_S)
             task.destroy()
             save_task_logs(req, task.logs.blobs())
+            if relay.is_remote_relay(req):
+                relay.remove_mirror(req)
             if task.sandbox is not None:
                 say(task.lifecycle())
             if os.environ.get(TIMINGS_ENV):
@@ -299,7 +324,7 @@ def _execute(task: SandboxTask, tmp: str) -> int:
     creating = task.creating = Background(task.create)
     try:
         inbound, known_blobs = task.build_inputs(tmp)
-    except staging.StagingError as e:
+    except (staging.StagingError, direct.DirectError) as e:
         creating.wait()
         say(f"Could not stage the task inputs: {e}")
         return EXIT_INFRA_RETRYABLE

@@ -2,7 +2,8 @@
 for the datastore) and the launcher's own messages.
 
 Layer: plugins (used by ``executor``). Imports: ``plugins.task_script`` (the markers its lines
-carry), ``plugins.staging``, ``plugins.direct`` and the standard library — never metaflow.
+carry), ``plugins.staging``, ``plugins.direct``, ``plugins.relay`` and the standard library — never
+metaflow itself (``direct`` and ``relay`` load it lazily for a remote datastore).
 
 The task's output is captured here, on the launcher side, in mflog format: each line is echoed
 live as a structured line (the runtime shows it with the task prefix and does not persist it
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from . import direct, staging
+from . import direct, relay, staging
 from .request import TaskRequest
 from .task_script import CODE_DIR, MARK, SETUP_FAILED
 
@@ -91,10 +92,12 @@ def say(message: str) -> None:
 
 def save_task_logs(req: TaskRequest, logs: dict[str, bytes]) -> None:
     """Where ``flow.py logs`` reads them: the local datastore, or the remote one on the direct path."""
-    if req.data_path != "direct":
+    if req.datastore == "local":
         staging.save_task_logs(req.location, req.attempt, logs)
         return
+    # On the relay path ``location`` is the task's mirror: the logs go to the remote datastore.
+    loc = relay.remote_location(req) if relay.is_remote_relay(req) else req.location
     try:
-        direct.save_task_logs(req.datastore, req.location, req.attempt, logs)
+        direct.save_task_logs(req.datastore, loc, req.attempt, logs)
     except direct.DirectError as e:
         say(str(e))

@@ -52,6 +52,10 @@ class TaskRequest:
     retry_delay_s: int = 0  # @retry(minutes_between_retries) before this attempt
     data_path: str = "relay"  # "direct": the task reads and writes the remote datastore itself
     datastore: str = "local"
+    # Relay path on a remote datastore: ``location`` is the task's local mirror, these the remote
+    # datastore's and card store's roots where the launcher pushes the outputs (``relay``).
+    remote_root: str = ""
+    remote_card_root: str = ""
     # Credentials: uploaded as a file the script sources (never in a command, a label or a log).
     secret_env: Mapping[str, str] = field(default_factory=dict)
     metadata_root: str = ""  # direct path with local metadata: the launcher's `.metaflow` to copy it to
@@ -102,6 +106,14 @@ def scratch_dir() -> tempfile.TemporaryDirectory[str]:
     launcher killed with SIGKILL by the next launcher (as request files are)."""
     folder = private_dir(os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-scratch-{os.getuid()}"))
     return tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=folder)
+
+
+def mirror_root() -> str:
+    """A new datastore root (``.../.metaflow``) for one task on the relay path of a remote datastore
+    (``relay``): private, named after the runtime's pid (swept as the request files are); the
+    launcher removes it when the task ends."""
+    folder = private_dir(os.path.join(tempfile.gettempdir(), f"metaflow-sandbox-relay-{os.getuid()}"))
+    return os.path.join(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=folder), ".metaflow")
 
 
 def forget_requests() -> None:

@@ -29,7 +29,7 @@ from metaflow_extensions.sandbox.core import Resources, backend_class
 
 from . import code_cache, compat, environments, kills, preflight, staging
 from .metadata import task_labels
-from .request import TaskRequest, save_request
+from .request import TaskRequest, mirror_root, save_request
 
 LAUNCHER = "metaflow_extensions.sandbox.plugins.launcher"
 # An argument over ~128 KiB cannot go through ``bash -c``: long input paths travel in variables.
@@ -66,6 +66,14 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     }
     root = deco.flow_datastore.datastore_root
     direct = deco.data_path == "direct"
+    remote_root, remote_card_root = "", ""
+    if not direct and deco.flow_datastore.TYPE != "local":
+        # The relay path of a remote datastore: the task runs against a local mirror (``relay``).
+        remote_root, remote_card_root = root, _card_root(deco.flow_datastore.TYPE)
+        root = mirror_root()
+        cli_args.top_level_options["datastore"] = "local"
+        cli_args.top_level_options["datastore-root"] = root
+    task_datastore = "local" if remote_root else deco.flow_datastore.TYPE
     if not direct and os.path.basename(root.rstrip("/")) == ".metaflow":
         # IncludeFile and other config-derived local paths resolve from the system root.
         env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(root.rstrip("/"))
@@ -87,7 +95,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     if direct:
         secret_env = _direct_env(deco, root, user, env)
     attrs = deco.attributes
-    bootstrap = deco.environment.bootstrap_commands(step, deco.flow_datastore.TYPE)
+    bootstrap = deco.environment.bootstrap_commands(step, task_datastore)
     code_tar, code_dir, package, extract, extract_env = _code(deco, writable=bool(bootstrap))
     environment = str(getattr(deco.environment, "TYPE", ""))
     env_cache = environments.cache_entry(
@@ -99,7 +107,7 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         image=attrs["image"],
     )
     metadata = options_metadata(cli_args)
-    relayed = _service(cli_args, attrs, env, secret_env) if metadata == "service" else None
+    relayed = _service(cli_args, attrs, env, secret_env, bool(remote_root)) if metadata == "service" else None
     return TaskRequest(
         backend=attrs["backend"],
         backend_options=attrs["options"],
@@ -129,7 +137,9 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
         data_path=deco.data_path,
         datastore=deco.flow_datastore.TYPE,
         secret_env=secret_env,
-        metadata_root=_local_metadata_root() if direct and metadata == "local" else "",
+        metadata_root=_local_metadata_root() if (direct or remote_root) and metadata == "local" else "",
+        remote_root=remote_root,
+        remote_card_root=remote_card_root,
         flow_dir=os.path.dirname(os.path.abspath(sys.argv[0])),
         shown_warnings=preflight.shown_warnings(),
         runtime=kills.process_identity(os.getpid()),
@@ -140,13 +150,14 @@ def task_request(deco: Any, cli_args: Any, retry_count: int) -> TaskRequest:
     )
 
 
-def _service(cli_args: Any, attrs: Any, env: dict[str, str], secret_env: dict[str, str]) -> Any:
+def _service(cli_args: Any, attrs: Any, env: dict[str, str], secret_env: dict[str, str], data_relayed: bool) -> Any:
     """``--metadata service``: on the direct path, the service's settings for the sandbox (headers
     among the secrets); on the relay path, the task records locally (``--metadata local``) and the
-    returned ``ServiceTask`` tells the launcher where to replay it."""
+    returned ``ServiceTask`` tells the launcher where to replay it. A remote datastore's relayed
+    data relays the metadata too: the records name the task's mirror until the launcher rewrites them."""
     from . import service
 
-    task = service.for_task(attrs["backend"], attrs["network"])
+    task = service.for_task(attrs["backend"], attrs["network"], data_relayed=data_relayed)
     if task.path == "relay":
         cli_args.top_level_options["metadata"] = "local"
         return task
@@ -164,6 +175,13 @@ def _direct_env(deco: Any, root: str, user: str, env: dict[str, str]) -> dict[st
     roots = datastores.s3_roots(root)
     env.update(datastores.task_env(roots, datastores.region()))
     return datastores.credentials_env(deco.attributes["credentials"], roots.flow_prefixes(deco.flow_name), user)
+
+
+def _card_root(datastore: str) -> str:
+    """Where Metaflow keeps the cards of a ``datastore`` (``CARD_S3ROOT``, by default under the sysroot)."""
+    from metaflow.plugins.cards.card_datastore import CardDatastore
+
+    return str(CardDatastore.get_storage_root(datastore) or "")
 
 
 def options_metadata(cli_args: Any) -> str:

@@ -107,9 +107,11 @@ class SandboxDecorator(StepDecorator):
         Backend-specific options passed to the backend's constructor (e.g. ``{"isolation": "bwrap"}``
         for ``local``).
     data_path : str, default "auto"
-        How the task's data moves: ``"relay"`` (the launcher moves it; the local datastore) or
-        ``"direct"`` (the task in the sandbox reads and writes the remote datastore itself, as
-        ``@batch`` does). ``"auto"``: relay for the local datastore, direct for S3.
+        How the task's data moves: ``"relay"`` (the launcher moves it; no credentials in the
+        sandbox) or ``"direct"`` (the task in the sandbox reads and writes the remote datastore
+        itself, as ``@batch`` does). ``"auto"``: relay for the local datastore, and for S3 when the
+        sandbox has no network or the endpoint is loopback on a backend other than ``local``;
+        direct otherwise.
     credentials : str, default "temporary"
         What the sandbox gets to reach a remote datastore on the direct path: ``"temporary"``
         (short-lived STS credentials; scoped to the flow's prefixes when
@@ -148,9 +150,10 @@ class SandboxDecorator(StepDecorator):
         self.inert = self._dedupe(step, decos)
         if self.inert:
             return
-        self._check_context(step, decos, flow_datastore, logger)
+        self._check_context(step, decos, flow_datastore)
         self.attributes["backend"] = self._resolve_backend(step)
         self._validate(step, decos)
+        self._check_datastore(step, flow_datastore, logger)
         self._preflight(step, logger)
 
     def _dedupe(self, step: str, decos: list[Any]) -> bool:
@@ -166,7 +169,7 @@ class SandboxDecorator(StepDecorator):
         winner = static[0] if static else family[0]
         return winner is not self
 
-    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any, logger: Any) -> None:
+    def _check_context(self, step: str, decos: list[Any], flow_datastore: Any) -> None:
         command = next((arg for arg in sys.argv[1:] if arg in DEPLOYER_COMMANDS), None)
         if command is not None:
             raise SandboxException(
@@ -186,7 +189,6 @@ class SandboxDecorator(StepDecorator):
         refused = refusal(str(getattr(self.environment, "TYPE", "")), decos, flow_datastore.TYPE, network)
         if refused:
             raise SandboxException(f"@{self.name} on step *{step}*: {refused}")
-        self._check_datastore(step, flow_datastore, logger)
 
     def _check_datastore(self, step: str, flow_datastore: Any, logger: Any) -> None:
         """The data path and credentials for this datastore; on a remote one, before the run (and
@@ -194,17 +196,27 @@ class SandboxDecorator(StepDecorator):
         from . import datastores
 
         where = f"@{self.name} on step *{step}*"
-        self.data_path = datastores.data_path(flow_datastore.TYPE, self.attributes["data_path"], where)
-        self.attributes["credentials"] = datastores.credentials_mode(self.attributes["credentials"], where)
+        attrs = self.attributes
+        self.data_path = datastores.data_path(
+            flow_datastore.TYPE, attrs["data_path"], where, backend=attrs["backend"], network=attrs["network"]
+        )
+        attrs["credentials"] = datastores.credentials_mode(attrs["credentials"], where)
         starting = any(arg in ("run", "resume") for arg in sys.argv[1:])
-        if self.data_path == "direct" and starting and os.environ.get(SANDBOX_ID_ENV) is None:
-            from metaflow import util
-
-            user = util.get_username() or "unknown"
-            kind = datastores.check_s3(
-                flow_datastore.datastore_root, self.attributes["credentials"], self.flow_name, user
+        if flow_datastore.TYPE == "local" or not starting or os.environ.get(SANDBOX_ID_ENV) is not None:
+            return
+        root = flow_datastore.datastore_root
+        if self.data_path == "relay":
+            datastores.check_bucket(root)
+            datastores.announce(
+                logger,
+                f"The launcher relays sandboxed steps' data to and from {root} (no credentials in the sandboxes).",
             )
-            datastores.announce(logger, f"Sandboxed steps read and write {flow_datastore.datastore_root} with {kind}.")
+            return
+        from metaflow import util
+
+        user = util.get_username() or "unknown"
+        kind = datastores.check_s3(root, attrs["credentials"], self.flow_name, user)
+        datastores.announce(logger, f"Sandboxed steps read and write {root} with {kind}.")
 
     def _resolve_backend(self, step: str) -> str:
         requested = self.attributes["backend"]

@@ -97,6 +97,9 @@ def metadata_path(url: str, backend: str, network: bool, requested: str | None =
     return "direct"
 
 
-def for_task(backend: str, network: bool) -> ServiceTask:
+def for_task(backend: str, network: bool, *, data_relayed: bool = False) -> ServiceTask:
+    """``data_relayed``: the task's data is relayed from a remote datastore; its metadata is then
+    relayed too (the launcher rewrites the mirror's datastore names in it, see ``relay``)."""
     url, headers = settings()
-    return ServiceTask(metadata_path(url, backend, network), url, headers)
+    path = "relay" if data_relayed else metadata_path(url, backend, network)
+    return ServiceTask(path, url, headers)
