@@ -29,26 +29,21 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import direct
-from .staging import TaskLocation
+from .staging import DONE, META, TaskLocation
 
 if TYPE_CHECKING:
     from .request import TaskRequest
 
-_DONE = re.compile(r"^(\d+)\.DONE\.lock$")
 _ROOT_TAG = ":root:"  # an artifact's ``location`` in the metadata: ``:root:<datastore root>``
-META_DIR = "_meta"
-DATA_DIR = "data"
 # ``S3Storage`` moves up to 10 keys per call in this process and more through a pool of ``s3op``
 # subprocesses, whose start-up (seconds on a busy machine) dwarfs a task's few small artifacts.
 IN_PROCESS = 10
-BLOB_META = "_meta"  # LocalStorage keeps a blob's storage metadata in ``<blob>_meta``
 
 
 class RelayError(direct.DirectError):
@@ -112,7 +107,7 @@ def fetch_inputs(req: TaskRequest) -> None:
             if key.endswith(".data.json"):
                 with open(os.path.join(loc.root, key)) as f:
                     blobs.update(json.load(f).get("objects", {}).values())
-        blob_keys = [f"{loc.flow}/{DATA_DIR}/{sha[:2]}/{sha}" for sha in sorted(blobs)]
+        blob_keys = [os.path.relpath(os.path.join(loc.blob_dir, sha[:2], sha), loc.root) for sha in sorted(blobs)]
         _copy(remote, mirror, blob_keys, overwrite=True)
     except RelayError:
         raise
@@ -151,7 +146,7 @@ def _copy_self_metadata(req: TaskRequest) -> None:
     steps = {loc.step} | {p.split("/")[-2] for p in req.input_paths}
     relatives = [(), (loc.run_id,), (loc.run_id, loc.step, loc.task_id), *((loc.run_id, s) for s in sorted(steps))]
     for parts in relatives:
-        relative = os.path.join(loc.flow, *parts, META_DIR, "_self.json")
+        relative = os.path.join(loc.flow, *parts, META, "_self.json")
         source = os.path.join(req.metadata_root, relative)
         if os.path.isfile(source):
             target = os.path.join(loc.root, relative)
@@ -173,13 +168,13 @@ def push_outputs(req: TaskRequest, written: Iterable[str]) -> None:
     done: list[str] = []
     for path in written:
         if path.startswith(blob_prefix):
-            if not path.endswith(BLOB_META):  # LocalStorage's sidecar: travels as the blob's metadata
+            if not path.endswith(META):  # LocalStorage's sidecar ``<blob>_meta``: travels as the blob's metadata
                 blobs.append(os.path.relpath(path, loc.root))
         elif path.startswith(task_prefix):
             relative = os.path.relpath(path, loc.root)
-            if f"/{META_DIR}/" in f"/{os.path.relpath(path, loc.task_dir)}":
+            if f"/{META}/" in f"/{os.path.relpath(path, loc.task_dir)}":
                 continue
-            (done if _DONE.match(os.path.basename(path)) else files).append(relative)
+            (done if DONE.match(os.path.basename(path)) else files).append(relative)
         elif loc.card_root and path.startswith(card_root):
             cards.append(os.path.relpath(path, loc.card_root))
     try:
@@ -239,7 +234,7 @@ def local_metadata(req: TaskRequest, written: Iterable[str]) -> None:
     for path in written:
         relative = os.path.relpath(path, loc.root)
         name = os.path.join(direct.LOCAL_DIR, relative)
-        if f"/{META_DIR}/" in f"/{relative}" and direct.allowed_metadata(name, loc):
+        if f"/{META}/" in f"/{relative}" and direct.allowed_metadata(name, loc):
             with open(path, "rb") as f:
                 members[name] = rewrite_meta(f.read(), req)
     direct.write_local_metadata(members, req.metadata_root, loc)

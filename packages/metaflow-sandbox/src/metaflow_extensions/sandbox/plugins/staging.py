@@ -46,10 +46,10 @@ CODE_PREFIX = "code"
 IN_ARCHIVE = "mfsbx/in.tar"
 LOCAL_ROOT = ".metaflow"  # metaflow_config.DATASTORE_LOCAL_DIR
 OUT_ARCHIVE = "mfsbx/out.tar"
-_DONE = re.compile(r"^(\d+)\.DONE\.lock$")
+DONE = re.compile(r"^(\d+)\.DONE\.lock$")
 # Files of one attempt in a task directory: ``<attempt>.data.json``, ``_meta/<attempt>_artifact_*``.
 _ATTEMPT_FILE = re.compile(r"^(\d+)[._]")
-_META = "_meta"
+META = "_meta"
 # A blob in the content-addressed store: ``<sha1[:2]>/<sha1>``, and its ``_meta`` file.
 _BLOB = re.compile(r"([0-9a-f]{2})/(?=\1)([0-9a-f]{40})(?:_meta)?")
 
@@ -109,7 +109,7 @@ def latest_done_attempt(task_dir: str) -> int | None:
         names = os.listdir(task_dir)
     except FileNotFoundError:
         return None
-    done = [int(m.group(1)) for m in map(_DONE.match, names) if m]
+    done = [int(m.group(1)) for m in map(DONE.match, names) if m]
     return max(done) if done else None
 
 
@@ -440,7 +440,7 @@ def merge_outputs(
     # task files, DONE.lock last: a reader that sees DONE sees everything.
     def rank(path: str) -> tuple[bool, bool, bool]:
         is_blob = path.startswith(blob_prefix)
-        return not is_blob, is_blob and not path.endswith(_META), bool(_DONE.match(os.path.basename(path)))
+        return not is_blob, is_blob and not path.endswith(META), bool(DONE.match(os.path.basename(path)))
 
     order = sorted(pending.items(), key=lambda item: rank(item[0]))
     for path, tmp in order:
@@ -452,15 +452,15 @@ def merge_outputs(
 def _check_untrusted(pending: dict[str, str], blob_prefix: str, own: set[str]) -> None:
     """The checks of ``merge_outputs`` that need a member's content (see there); identical copies
     of existing files that are not this attempt's ``own`` are dropped from ``pending``."""
-    for path in [p for p in pending if p.startswith(blob_prefix) and not p.endswith(_META)]:
-        meta = pending.get(path + _META)
+    for path in [p for p in pending if p.startswith(blob_prefix) and not p.endswith(META)]:
+        meta = pending.get(path + META)
         if meta is None:
-            raise UntrustedOutput(f"The sandbox returned the blob {path} without its {_META} file.")
+            raise UntrustedOutput(f"The sandbox returned the blob {path} without its {META} file.")
         key = os.path.basename(path)
         if blob_digest(pending[path], meta) != key:
             raise UntrustedOutput(f"The sandbox returned content under the address {key} that does not hash to it.")
-    for path in [p for p in pending if p.startswith(blob_prefix) and p.endswith(_META)]:
-        if path.removesuffix(_META) not in pending:
+    for path in [p for p in pending if p.startswith(blob_prefix) and p.endswith(META)]:
+        if path.removesuffix(META) not in pending:
             raise UntrustedOutput(f"The sandbox returned {path} without the blob it describes.")
     for path in [p for p in pending if not p.startswith(blob_prefix) and p not in own and os.path.exists(p)]:
         if not filecmp.cmp(path, pending[path], shallow=False):
